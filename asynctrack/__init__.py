@@ -1,0 +1,56 @@
+"""asynctrack: MLflow tracking that costs the training loop nothing.
+
+Logging calls queue events and return; one background worker batches them into
+``log_batch`` calls. See README.md for a quick start.
+"""
+
+from __future__ import annotations
+
+from asynctrack import config
+from asynctrack._engine import configure
+from asynctrack._engine.stats import Stats
+from asynctrack.api import aflush, flush, stats
+from asynctrack.config import setup_mlflow_env
+from asynctrack.decorators import (
+    log_metrics_decorator,
+    log_params_decorator,
+    mlflow_run,
+    timed_execution,
+)
+from asynctrack.errors import (
+    AsyncTrackError,
+    ConfigError,
+    DeliveryError,
+    EngineClosedError,
+    FlushTimeoutError,
+    NoActiveRunError,
+    ParamConflictError,
+    QueueFullError,
+    Rejection,
+)
+from asynctrack.tracker import MLflowExperimentTracker, NestedRunTracker
+
+__all__ = (
+    "AsyncTrackError",
+    "ConfigError",
+    "DeliveryError",
+    "EngineClosedError",
+    "FlushTimeoutError",
+    "MLflowExperimentTracker",
+    "NestedRunTracker",
+    "NoActiveRunError",
+    "ParamConflictError",
+    "QueueFullError",
+    "Rejection",
+    "Stats",
+    "aflush",
+    "config",
+    "configure",
+    "flush",
+    "log_metrics_decorator",
+    "log_params_decorator",
+    "mlflow_run",
+    "setup_mlflow_env",
+    "stats",
+    "timed_execution",
+)

@@ -1,0 +1,139 @@
+"""One engine per tracking URI in this process; exit and fork handling.
+
+At exit every engine gets ``exit_timeout`` seconds to send what it holds; what is left is
+counted on stderr. After ``os.fork`` the child resets every engine in place: the parent's
+queued events stay the parent's (never sent twice), and the child's worker starts on its
+first event. ``multiprocessing`` children leave through ``os._exit`` without running
+``atexit``, so their engines also register a multiprocessing finalizer.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import time
+import weakref
+from typing import Any
+
+from asynctrack._engine.stats import Stats
+from asynctrack._engine.worker import Engine, State
+from asynctrack.config import EngineConfig
+
+_lock = threading.Lock()
+_engines: dict[str, Engine] = {}
+_config: EngineConfig | None = None
+
+
+def configure(**settings: Any) -> EngineConfig:
+    """Set the engine's knobs (see :class:`asynctrack.config.EngineConfig`) for this process.
+
+    Call it before logging: engines already running keep their settings, so doing otherwise
+    raises ``RuntimeError``.
+    """
+    global _config
+    config = EngineConfig.resolve(**settings)
+    with _lock:
+        if any(e.state is State.OPEN for e in _engines.values()):
+            raise RuntimeError("asynctrack.configure() must be called before anything is logged")
+        _config = config
+        _engines.clear()
+    return config
+
+
+def get_engine(tracking_uri: str) -> Engine:
+    engine = _engines.get(tracking_uri)
+    if engine is not None:
+        return engine
+    global _config
+    with _lock:
+        engine = _engines.get(tracking_uri)
+        if engine is None:
+            if _config is None:
+                _config = EngineConfig.resolve()
+            engine = Engine(tracking_uri, _config)
+            _engines[tracking_uri] = engine
+            _register_mp_finalizer(engine)
+        return engine
+
+
+def all_engines() -> list[Engine]:
+    with _lock:
+        return list(_engines.values())
+
+
+def flush_all(timeout: float | None = None) -> None:
+    """Flush every engine; the deadline is shared, and the first error is raised."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    errors: list[BaseException] = []
+    for engine in all_engines():
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            engine.flush(remaining)
+        except Exception as exc:  # flush the other engines before raising
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+def stats() -> Stats:
+    total = Stats()
+    for engine in all_engines():
+        total = total + engine.stats()
+    return total
+
+
+def shutdown() -> None:
+    """Interpreter exit: send within the deadline, then say on stderr what is left."""
+    engines = all_engines()
+    if not engines:
+        return
+    deadline = time.monotonic() + engines[0].config.exit_timeout
+    for engine in engines:
+        _close(engine, max(0.0, deadline - time.monotonic()))
+
+
+def _close(engine: Engine, timeout: float) -> None:
+    left = engine.close(timeout)
+    if left:
+        cause = engine.last_error()
+        sys.stderr.write(
+            f"asynctrack: {left} event(s) could not be stored at {_redact(engine.tracking_uri)} "
+            f"before the {timeout:g} s exit deadline{'; last error: ' + cause if cause else ''}\n"
+        )
+
+
+def _redact(uri: str) -> str:
+    if "@" in uri and "//" in uri:
+        scheme, rest = uri.split("//", 1)
+        return f"{scheme}//***@{rest.split('@', 1)[1]}"
+    return uri
+
+
+def _register_mp_finalizer(engine: Engine) -> None:
+    import multiprocessing.util
+
+    if multiprocessing.parent_process() is None:
+        return  # the main process exits through atexit
+    # A weak reference: the finalizer must not keep a discarded engine alive.
+    ref = weakref.ref(engine)
+
+    def close() -> None:
+        alive = ref()
+        if alive is not None:
+            _close(alive, alive.config.exit_timeout)
+
+    multiprocessing.util.Finalize(engine, close, exitpriority=100)
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # the parent may have held it while forking
+    for engine in _engines.values():
+        engine._reset()
+        _register_mp_finalizer(engine)
+
+
+atexit.register(shutdown)
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,82 @@
+"""A few daemon threads that run blocking calls for the worker's event loop.
+
+Not ``loop.run_in_executor``: ``concurrent.futures`` refuses new work once the interpreter
+starts shutting down (its exit hook runs before ``atexit``), which is exactly when the final
+flush needs it, and it joins its threads at exit, so a request hung on a dead server would
+hang the process too. Daemon threads avoid both; the exit deadline bounds the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+
+
+class DaemonPool:
+    def __init__(self, size: int, name: str) -> None:
+        self._size = size
+        self._name = name
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._lock:
+            if self._idle == 0 and len(self._threads) < self._size:
+                thread = threading.Thread(
+                    target=self._serve, name=f"{self._name}-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                self._idle += 1
+                thread.start()
+            self._idle -= 1
+        self._jobs.put((fn, loop, future))
+        return await future
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, loop, future = job
+            try:
+                result = fn()
+            except BaseException as exc:  # handed to the awaiting coroutine, not swallowed
+                _resolve(loop, future, None, exc)
+            else:
+                _resolve(loop, future, result, None)
+            with self._lock:
+                self._idle += 1
+
+
+def _resolve(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any],
+    result: Any,
+    exc: BaseException | None,
+) -> None:
+    def settle() -> None:
+        if future.done():  # the awaiting task was cancelled (exit deadline)
+            return
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
+
+    with contextlib.suppress(RuntimeError):  # the loop closed while the call ran
+        loop.call_soon_threadsafe(settle)

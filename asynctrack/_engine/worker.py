@@ -1,0 +1,411 @@
+"""The engine: a bounded queue, one worker thread with an event loop, and flush barriers.
+
+Callers append events to a ``deque`` (thread-safe, about 40 ns) and return; they never
+signal the worker, because waking another thread costs more than the call itself. The
+worker polls the queue's length a few times a second and sends when a batch is full, when
+the flush interval has passed, or at once when ``flush()`` or a full queue wakes it.
+
+Metric batches go out up to ``max_in_flight`` at a time: the server stores about twice as
+much with calls in flight, and metrics carry their own step and timestamp, so their order
+between requests does not matter. Params, tags and a run's end go through one lane per run,
+in order, so the last ``set_tag`` wins. A run's end and every flush are barriers: all that
+was queued before them is stored (or refused) first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from asynctrack._engine.batching import MAX_METRICS, pack_meta
+from asynctrack._engine.events import Barrier, Event, MetaEvent, Metric, now_ms
+from asynctrack._engine.stats import Stats
+from asynctrack._engine.threads import DaemonPool
+from asynctrack._engine.transport import Refused, Transient, Transport, make_transport
+from asynctrack.config import EngineConfig
+from asynctrack.errors import (
+    DeliveryError,
+    EngineClosedError,
+    FlushTimeoutError,
+    QueueFullError,
+    Rejection,
+)
+
+logger = logging.getLogger("asynctrack")
+
+_POLL = 0.05  # seconds between looks at the queue's length
+_CHUNK = 20_000  # events taken off the queue before the worker lets its sends run
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.25, 8.0
+
+
+class State(enum.Enum):
+    UNOPENED = "unopened"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Engine:
+    """Everything logged to one tracking URI in this process goes through one Engine."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        config: EngineConfig,
+        transport_factory: Callable[[str, float], Transport] = make_transport,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.config = config
+        self._transport_factory = transport_factory
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh state: at construction, and in a forked child (the parent's events stay
+        the parent's)."""
+        self._buf: deque[Event] = deque()
+        self._capacity = self.config.queue_capacity
+        self._lock = threading.Lock()
+        self._room = threading.Condition(threading.Lock())
+        self.state = State.UNOPENED
+        self.open = False  # read on the hot path: a plain attribute, not the enum
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._main_task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._urgent = False
+        self._closing = False
+        self._rejections: list[Rejection] = []
+        self._last_error = ""
+        # Counters, written by the worker thread only (dropped: under self._lock).
+        self._held = 0  # taken off the queue, not yet stored or refused
+        self._sent = self._retried = self._rejected = self._dropped = 0
+        self._batches = self._in_flight = 0
+
+    # ------------------------------------------------------------------ callers' side
+
+    def put(self, event: Event) -> None:
+        """The hot path: queue one event and return."""
+        if self.open and len(self._buf) < self._capacity:
+            self._buf.append(event)
+            return
+        self._put_slow(event)
+
+    def _put_slow(self, event: Event) -> None:
+        if not self.open:
+            self._start()
+        if len(self._buf) < self._capacity or isinstance(event, Barrier):
+            self._buf.append(event)
+            return
+        policy = self.config.full_policy
+        if policy == "drop":
+            with self._lock:
+                self._dropped += 1
+            return
+        self._urgent = True
+        self._wake_worker()
+        if policy == "raise":
+            raise QueueFullError(self._full_message())
+        deadline = time.monotonic() + self.config.flush_timeout
+        with self._room:
+            while len(self._buf) >= self._capacity:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise QueueFullError(self._full_message())
+                self._room.wait(min(remaining, _POLL))
+        self._buf.append(event)
+
+    def _full_message(self) -> str:
+        return (
+            f"asynctrack queue full ({self._capacity} events) for {self.tracking_uri}; "
+            f"the server is not keeping up{self._cause()}"
+        )
+
+    def _cause(self) -> str:
+        return f" (last error: {self._last_error})" if self._last_error else ""
+
+    def pending(self) -> int:
+        return len(self._buf) + self._held
+
+    def stats(self) -> Stats:
+        return Stats(
+            queued=self.pending(),
+            sent=self._sent,
+            retried=self._retried,
+            rejected=self._rejected,
+            dropped=self._dropped,
+            batches_sent=self._batches,
+            in_flight=self._in_flight,
+        )
+
+    def end_run(self, run_id: str, status: str, timeout: float | None = None) -> None:
+        """Store the run's queued events, then set its status; raise what was refused."""
+        self.put(MetaEvent("end", run_id, "status", status))
+        self.flush(timeout, run_id=run_id)
+
+    def flush(self, timeout: float | None = None, run_id: str | None = None) -> None:
+        """Block until everything queued before the call is stored or refused.
+
+        Raises FlushTimeoutError at the deadline (``None``: the configured flush_timeout,
+        ``math.inf``: none), then DeliveryError for events refused since the last flush
+        (only ``run_id``'s, when given).
+        """
+        if self.state is State.OPEN:
+            barrier = Barrier()
+            self.put(barrier)
+            self._urgent = True
+            self._wake_worker()
+            limit = self.config.flush_timeout if timeout is None else timeout
+            try:
+                barrier.future.result(None if math.isinf(limit) else limit)
+            except TimeoutError:
+                pending = self.pending()
+                raise FlushTimeoutError(
+                    f"flush timed out after {limit} s with {pending} event(s) not yet stored "
+                    f"at {self.tracking_uri}{self._cause()}; they stay queued",
+                    pending,
+                ) from None
+        rejected = self._take_rejections(run_id)
+        if rejected:
+            raise DeliveryError(rejected)
+
+    def _take_rejections(self, run_id: str | None) -> list[Rejection]:
+        with self._lock:
+            taken = [r for r in self._rejections if run_id is None or r.run_id == run_id]
+            self._rejections = [r for r in self._rejections if r not in taken]
+        return taken
+
+    def close(self, timeout: float) -> int:
+        """Send what is queued within ``timeout`` seconds, then stop; return what is left."""
+        with self._lock:
+            if self.state is not State.OPEN:
+                self.state = State.CLOSED
+                return 0
+        self._closing = True
+        with contextlib.suppress(FlushTimeoutError, DeliveryError):
+            self.flush(timeout)
+        with self._lock:
+            self.state = State.CLOSED
+            self.open = False
+        left = self.pending()
+        loop, task = self._loop, self._main_task
+        if loop is not None and task is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(task.cancel)
+        if self._thread is not None:
+            self._thread.join(1.0)
+        return left
+
+    def last_error(self) -> str:
+        return self._last_error
+
+    # ------------------------------------------------------------------ worker thread
+
+    def _start(self) -> None:
+        with self._lock:
+            if self.state is State.OPEN:
+                return
+            if self.state is State.CLOSED:
+                raise EngineClosedError(
+                    "asynctrack has shut down (interpreter exit); event not logged"
+                )
+            started = threading.Event()
+            self._thread = threading.Thread(
+                target=self._run, args=(started,), name="asynctrack-worker", daemon=True
+            )
+            self._thread.start()
+            started.wait()
+            self.state = State.OPEN
+            self.open = True
+
+    def _wake_worker(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(wake.set)
+
+    def _run(self, started: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            self._main_task = loop.create_task(self._main(started))
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(self._main_task)
+        finally:
+            loop.close()
+
+    async def _main(self, started: threading.Event) -> None:
+        self._wake = asyncio.Event()
+        self._pool = DaemonPool(self.config.max_in_flight + 1, "asynctrack-send")
+        self._slots = asyncio.Semaphore(self.config.max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._run_locks: dict[str, asyncio.Lock] = {}
+        self._metrics: dict[str, list[Metric]] = {}
+        self._meta: dict[str, list[MetaEvent]] = {}
+        started.set()
+        try:
+            self._transport = self._transport_factory(
+                self.tracking_uri, self.config.request_timeout
+            )
+            poll = min(_POLL, self.config.flush_interval)
+            last = time.monotonic()
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), poll)
+                self._wake.clear()
+                due = self._urgent or time.monotonic() - last >= self.config.flush_interval
+                if due or len(self._buf) >= MAX_METRICS:
+                    self._urgent = False
+                    try:
+                        await self._pump(due)
+                    except Exception:  # a bug must not kill the worker: log it, keep going
+                        logger.exception("asynctrack worker error")
+                    if due:
+                        last = time.monotonic()
+        finally:
+            self._pool.close()
+
+    async def _pump(self, due: bool) -> None:
+        buf = self._buf
+        while buf:
+            for _ in range(min(len(buf), _CHUNK)):
+                event = buf.popleft()
+                if type(event) is tuple:
+                    self._held += 1
+                    batch = self._metrics.setdefault(event[0], [])
+                    batch.append(event)
+                    if len(batch) >= MAX_METRICS:
+                        del self._metrics[event[0]]
+                        await self._dispatch_metrics(event[0], batch)
+                elif isinstance(event, MetaEvent):
+                    self._held += 1
+                    if event.kind == "end":
+                        await self._settle()
+                        await self._end_run(event)
+                    else:
+                        self._meta.setdefault(event.run_id, []).append(event)
+                elif isinstance(event, Barrier):
+                    await self._settle()
+                    event.future.set_result(None)
+            with self._room:
+                self._room.notify_all()
+            if not due and len(buf) < MAX_METRICS:
+                break
+        if due:
+            await self._dispatch_all()
+
+    async def _settle(self) -> None:
+        """Send every partial batch and wait until all requests are done."""
+        await self._dispatch_all()
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks))
+
+    async def _dispatch_all(self) -> None:
+        metrics, self._metrics = self._metrics, {}
+        for run_id, batch in metrics.items():
+            await self._dispatch_metrics(run_id, batch)
+        meta, self._meta = self._meta, {}
+        for run_id, events in meta.items():
+            batches = pack_meta(run_id, events)
+            # events folded into others (a tag set twice, a param repeated) count as stored
+            folded = len(events) - sum(len(b) for b in batches)
+            self._held -= folded
+            self._sent += folded
+            for meta_batch in batches:
+                await self._spawn(self._send_meta(run_id, meta_batch.events()))
+
+    async def _dispatch_metrics(self, run_id: str, batch: list[Metric]) -> None:
+        await self._spawn(self._send_metrics(run_id, batch))
+
+    async def _spawn(self, coro: Any) -> None:
+        await self._slots.acquire()  # back-pressure: never more than max_in_flight requests
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("asynctrack send failed", exc_info=task.exception())
+
+    async def _send_metrics(self, run_id: str, batch: Sequence[Metric]) -> None:
+        refused = await self._attempt(
+            len(batch), lambda: self._transport.log_batch(run_id, batch, (), ())
+        )
+        if refused is None:
+            self._stored(len(batch))
+        elif refused.splittable and len(batch) > 1:
+            half = len(batch) // 2
+            await self._send_metrics(run_id, batch[:half])
+            await self._send_metrics(run_id, batch[half:])
+        else:
+            self._refuse([Rejection(run_id, "metric", m[1], refused.reason) for m in batch])
+
+    async def _send_meta(self, run_id: str, events: Sequence[MetaEvent]) -> None:
+        lock = self._run_locks.setdefault(run_id, asyncio.Lock())
+        async with lock:  # FIFO: batches of one run land in the order they were made
+            await self._send_meta_unlocked(run_id, events)
+
+    async def _send_meta_unlocked(self, run_id: str, events: Sequence[MetaEvent]) -> None:
+        params = [(e.key, e.value) for e in events if e.kind == "param"]
+        tags = [(e.key, e.value) for e in events if e.kind == "tag"]
+        refused = await self._attempt(
+            len(events), lambda: self._transport.log_batch(run_id, (), params, tags)
+        )
+        if refused is None:
+            self._stored(len(events))
+        elif refused.splittable and len(events) > 1:
+            half = len(events) // 2
+            await self._send_meta_unlocked(run_id, events[:half])
+            await self._send_meta_unlocked(run_id, events[half:])
+        else:
+            self._refuse([Rejection(run_id, e.kind, e.key, refused.reason) for e in events])
+
+    async def _end_run(self, event: MetaEvent) -> None:
+        run_id, status = event.run_id, event.value
+        refused = await self._attempt(1, lambda: self._transport.end_run(run_id, status, now_ms()))
+        self._run_locks.pop(run_id, None)
+        if refused is None:
+            self._held -= 1
+        else:
+            self._refuse([Rejection(run_id, "run", "status", refused.reason)])
+
+    async def _attempt(self, count: int, call: Callable[[], None]) -> Refused | None:
+        """Send until stored or refused, backing off with jitter while the server is away."""
+        delay = _BACKOFF_FIRST
+        while True:
+            self._in_flight += 1
+            try:
+                await self._pool.run(call)
+                return None
+            except Transient as exc:
+                self._last_error = str(exc)
+                self._retried += count
+            except Refused as exc:
+                return exc
+            finally:
+                self._in_flight -= 1
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    def _stored(self, count: int) -> None:
+        self._held -= count
+        self._sent += count
+        self._batches += 1
+
+    def _refuse(self, rejections: list[Rejection]) -> None:
+        self._held -= len(rejections)
+        self._rejected += len(rejections)
+        self._last_error = rejections[0].reason
+        with self._lock:
+            self._rejections.extend(rejections)
+        for rejection in rejections[:5]:
+            logger.warning("asynctrack: server refused %s", rejection)

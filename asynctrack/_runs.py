@@ -1,0 +1,171 @@
+"""Runs: creating and ending them, and which one is active where.
+
+The active run lives in context variables, so each thread and each asyncio task sees its
+own; MLflow's own notion (a thread-local stack used by ``mlflow.log_metric``) is kept in
+step, so fluent calls inside a tracker run land in that run too.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from asynctrack._engine import Engine, get_engine
+from asynctrack._engine.events import check_key
+
+PARENT_RUN_TAG = "mlflow.parentRunId"
+
+
+@dataclass(eq=False)
+class Run:
+    """An open run: what the hot path needs, and the MLflow entity it was created as."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    artifact_uri: str
+    engine: Engine
+    entity: Any = field(repr=False)
+    # Params already logged, to refuse a changed value at the call (the server refuses the
+    # whole request, metrics included, if it sees one).
+    params: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+#: The innermost run active in this thread or task: the parent of a NestedRunTracker, and
+#: where decorators log.
+current_run: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
+    "asynctrack_current_run", default=None
+)
+
+_experiment_ids: dict[tuple[str, str], str] = {}
+_experiment_lock = threading.Lock()
+
+
+def resolve_tracking_uri(tracking_uri: str | None) -> str:
+    if tracking_uri:
+        return tracking_uri
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def experiment_id_for(tracking_uri: str, name: str) -> str:
+    """The experiment's id, creating the experiment if it does not exist yet."""
+    key = (tracking_uri, name)
+    with _experiment_lock:
+        if key in _experiment_ids:
+            return _experiment_ids[key]
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            experiment_id = client.create_experiment(name)
+        except MlflowException as exc:  # created meanwhile by another process
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            existing = client.get_experiment_by_name(name)
+            if existing is None:
+                raise
+            experiment_id = existing.experiment_id
+    elif experiment.lifecycle_stage == "deleted":
+        raise ValueError(
+            f"experiment {name!r} is deleted; restore it or choose another experiment name"
+        )
+    else:
+        experiment_id = experiment.experiment_id
+    with _experiment_lock:
+        _experiment_ids[key] = experiment_id
+    return experiment_id
+
+
+def create_run(
+    tracking_uri: str,
+    experiment_name: str | None,
+    run_name: str | None,
+    tags: dict[str, Any] | None,
+    parent: Run | None,
+) -> Run:
+    """Create a run as ``mlflow.start_run`` would (same default tags). Blocking I/O."""
+    from mlflow import MlflowClient
+    from mlflow.tracking.context.registry import resolve_tags
+
+    for key in tags or {}:
+        check_key(key, "tag")
+    if parent is not None:
+        experiment_id = parent.experiment_id
+        tracking_uri = parent.tracking_uri
+    else:
+        name = experiment_name or default_experiment_name()
+        experiment_id = experiment_id_for(tracking_uri, name)
+    user_tags = {k: str(v) for k, v in (tags or {}).items()}
+    if parent is not None:
+        user_tags[PARENT_RUN_TAG] = parent.run_id
+    client = MlflowClient(tracking_uri=tracking_uri)
+    entity = client.create_run(experiment_id, tags=resolve_tags(user_tags), run_name=run_name)
+    return Run(
+        run_id=entity.info.run_id,
+        experiment_id=experiment_id,
+        tracking_uri=tracking_uri,
+        artifact_uri=entity.info.artifact_uri,
+        engine=get_engine(tracking_uri),
+        entity=entity,
+    )
+
+
+def default_experiment_name() -> str:
+    """``MLFLOW_EXPERIMENT_NAME`` as it is now, else the seed's default."""
+    from asynctrack import config
+
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or config.MLFLOW_EXPERIMENT_NAME
+
+
+def push_fluent(run: Run) -> None:
+    """Make ``run`` MLflow's active run in this thread (no I/O: the entity is at hand)."""
+    from mlflow.tracking import fluent
+
+    fluent._active_run_stack.get().append(fluent.ActiveRun(run.entity))
+
+
+def pop_fluent(run: Run) -> None:
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i].info.run_id == run.run_id:
+            del stack[i]
+            break
+    fluent._last_active_run_id.set(run.run_id)
+
+
+_fluent_runs: dict[str, Run] = {}
+
+
+def fluent_run() -> Run | None:
+    """MLflow's active run in this thread (``mlflow.start_run()``), as an asynctrack Run."""
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()
+    if not stack:
+        return None
+    entity = stack[-1]
+    run = _fluent_runs.get(entity.info.run_id)
+    if run is None:
+        tracking_uri = resolve_tracking_uri(None)
+        run = Run(
+            run_id=entity.info.run_id,
+            experiment_id=entity.info.experiment_id,
+            tracking_uri=tracking_uri,
+            artifact_uri=entity.info.artifact_uri,
+            engine=get_engine(tracking_uri),
+            entity=entity,
+        )
+        if len(_fluent_runs) > 1000:
+            _fluent_runs.clear()
+        _fluent_runs[entity.info.run_id] = run
+    return run

@@ -1,0 +1,95 @@
+"""Errors raised by asynctrack.
+
+Every error derives from :class:`AsyncTrackError`; each subclass also derives from the
+built-in exception it resembles, so ``except TimeoutError`` or ``except ValueError`` keep
+working for code that does not know asynctrack::
+
+    AsyncTrackError
+    ├── NoActiveRunError (RuntimeError)      logging with no run started
+    ├── ConfigError (ValueError)             an invalid engine setting
+    ├── ParamConflictError (ValueError)      a param re-logged with another value
+    ├── QueueFullError (BufferError)         the queue stayed full (policy "raise" or timeout)
+    ├── FlushTimeoutError (TimeoutError)     flush() or run end passed its deadline
+    ├── DeliveryError                        the server refused some events
+    └── EngineClosedError (RuntimeError)     logging after the engine shut down
+
+Invalid keys and metric values raise plain ``ValueError`` / ``TypeError`` at the call, as
+MLflow's own validation does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "AsyncTrackError",
+    "ConfigError",
+    "DeliveryError",
+    "EngineClosedError",
+    "FlushTimeoutError",
+    "NoActiveRunError",
+    "ParamConflictError",
+    "QueueFullError",
+    "Rejection",
+]
+
+
+class AsyncTrackError(Exception):
+    """Root of every error asynctrack raises."""
+
+
+class NoActiveRunError(AsyncTrackError, RuntimeError):
+    """A logging call found no run: start one with ``with tracker.start_run():``."""
+
+
+class ConfigError(AsyncTrackError, ValueError):
+    """An engine setting (keyword argument or ``ASYNCTRACK_*`` variable) is invalid."""
+
+
+class ParamConflictError(AsyncTrackError, ValueError):
+    """A param was logged again in the same run with a different value (MLflow forbids it)."""
+
+
+class QueueFullError(AsyncTrackError, BufferError):
+    """The event queue stayed full: the server is too slow or unreachable."""
+
+
+class FlushTimeoutError(AsyncTrackError, TimeoutError):
+    """Events were still unsent when a flush deadline passed; they stay queued."""
+
+    def __init__(self, message: str, pending: int) -> None:
+        super().__init__(message)
+        self.pending = pending
+
+
+class EngineClosedError(AsyncTrackError, RuntimeError):
+    """The engine was shut down (interpreter exit) and takes no more events."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One event the server refused, and why."""
+
+    run_id: str
+    kind: str  # "metric", "param", "tag" or "run"
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"run {self.run_id}: {self.kind} {self.key!r}: {self.reason}"
+
+
+class DeliveryError(AsyncTrackError):
+    """The server refused some events; every other event was stored.
+
+    ``rejections`` lists each refused event with its run, key and the server's reason.
+    """
+
+    def __init__(self, rejections: Sequence[Rejection]) -> None:
+        self.rejections = list(rejections)
+        shown = "\n  ".join(str(r) for r in self.rejections[:20])
+        more = len(self.rejections) - 20
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        count = len(self.rejections)
+        super().__init__(f"{count} event(s) rejected by the server:\n  {shown}{tail}")

@@ -1,0 +1,394 @@
+"""Run trackers: ``MLflowExperimentTracker`` and ``NestedRunTracker``.
+
+Logging calls check what is cheap, queue the event and return; the engine's worker sends
+it. Run creation and run end talk to the server: in ``async with`` blocks they run in a
+worker thread, so the event loop never waits on them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import anyio.to_thread
+
+from asynctrack import _runs
+from asynctrack._engine import Engine, get_engine
+from asynctrack._engine.events import (
+    MAX_PARAM_VALUE_LENGTH,
+    MAX_TAG_VALUE_LENGTH,
+    MetaEvent,
+    _checked_keys,
+    check_key,
+    check_step,
+    check_text_value,
+    check_value,
+)
+from asynctrack._engine.stats import Stats
+from asynctrack._runs import Run
+from asynctrack.errors import NoActiveRunError, ParamConflictError
+
+__all__ = ["MLflowExperimentTracker", "NestedRunTracker"]
+
+logger = logging.getLogger("asynctrack")
+
+
+class MLflowExperimentTracker:
+    """Logs to runs of one experiment; also a context manager that starts a run.
+
+    ``with tracker.start_run(run_name=...):`` or ``with MLflowExperimentTracker(...) as t:``
+    (and their ``async with`` forms) create the run, make it the active run of the current
+    thread or task (and MLflow's, for fluent ``mlflow.log_*`` calls), and at the end store
+    every queued event, then set the status: FINISHED, FAILED when an exception escaped,
+    KILLED on ``KeyboardInterrupt``.
+    """
+
+    def __init__(
+        self,
+        experiment_name: str | None = None,
+        tracking_uri: str | None = None,
+        run_name: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._experiment_name = experiment_name
+        self._tracking_uri = tracking_uri
+        self._run_name = run_name
+        self._tags = dict(tags or {})
+        # Per tracker and per context: two tasks sharing a tracker log to their own runs.
+        self._run_var: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
+            f"asynctrack_run_{id(self)}", default=None
+        )
+        self._last_run: Run | None = None
+        self._scopes: contextvars.ContextVar[tuple[_RunScope, ...]] = contextvars.ContextVar(
+            f"asynctrack_scopes_{id(self)}", default=()
+        )
+
+    def __repr__(self) -> str:
+        run = self._run_var.get() or self._last_run
+        return (
+            f"{type(self).__name__}(experiment_name={self._experiment_name!r}, "
+            f"run_id={run.run_id if run else None!r})"
+        )
+
+    # ------------------------------------------------------------------ runs
+
+    def start_run(
+        self, run_name: str | None = None, tags: Mapping[str, Any] | None = None
+    ) -> _RunScope:
+        """A context manager (``with`` or ``async with``) for a new run of this experiment."""
+        return _RunScope(self, run_name, dict(tags or {}))
+
+    def _parent(self) -> Run | None:
+        return None
+
+    def __enter__(self) -> MLflowExperimentTracker:
+        scope = self.start_run(self._run_name, self._tags)
+        self._scopes.set((*self._scopes.get(), scope))
+        scope.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        scopes = self._scopes.get()
+        self._scopes.set(scopes[:-1])
+        scopes[-1].__exit__(exc_type, exc, tb)
+
+    async def __aenter__(self) -> MLflowExperimentTracker:
+        scope = self.start_run(self._run_name, self._tags)
+        self._scopes.set((*self._scopes.get(), scope))
+        await scope.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        scopes = self._scopes.get()
+        self._scopes.set(scopes[:-1])
+        await scopes[-1].__aexit__(exc_type, exc, tb)
+
+    def _active(self) -> Run:
+        run = self._run_var.get()
+        if run is None:
+            raise NoActiveRunError(
+                f"{type(self).__name__} has no active run here: log inside "
+                "`with tracker.start_run(...)` (or `async with`)"
+            )
+        return run
+
+    @property
+    def run_id(self) -> str | None:
+        """The active run's id (after the run ended: the last run's id)."""
+        run = self._run_var.get() or self._last_run
+        return run.run_id if run else None
+
+    @property
+    def experiment_id(self) -> str | None:
+        run = self._run_var.get() or self._last_run
+        return run.experiment_id if run else None
+
+    @property
+    def artifact_uri(self) -> str | None:
+        run = self._run_var.get() or self._last_run
+        return run.artifact_uri if run else None
+
+    # ------------------------------------------------------------------ the hot path
+
+    def log_metric(
+        self, key: str, value: float, step: int | None = None, timestamp: int | None = None
+    ) -> None:
+        run = self._run_var.get() or self._active()
+        if key not in _checked_keys:
+            check_key(key, "metric")
+        if type(value) is not float and type(value) is not int:
+            value = check_value(key, value)
+        if step is None:
+            step = 0
+        elif type(step) is not int:
+            step = check_step(key, step)
+        engine = run.engine
+        when = time.time() if timestamp is None else timestamp / 1000
+        event = (run.run_id, key, value, when, step)
+        # engine.put() inlined: this line runs once per metric, in the training loop.
+        if engine.open and len(engine._buf) < engine._capacity:
+            engine._buf.append(event)
+        else:
+            engine.put(event)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log several metrics at one timestamp; invalid ones are named, the rest are logged."""
+        run = self._run_var.get() or self._active()
+        timestamp = time.time()
+        put = run.engine.put
+        if step is None:
+            step = 0
+        elif type(step) is not int:
+            step = check_step("<step>", step)
+        errors: list[Exception] = []
+        for key, value in metrics.items():
+            try:
+                if key not in _checked_keys:
+                    check_key(key, "metric")
+                if type(value) is not float and type(value) is not int:
+                    value = check_value(key, value)
+            except (TypeError, ValueError) as exc:
+                errors.append(exc)
+                continue
+            put((run.run_id, key, value, timestamp, step))
+        if errors:
+            _raise_collected(errors)
+
+    def log_param(self, key: str, value: Any) -> None:
+        run = self._run_var.get() or self._active()
+        check_key(key, "param")
+        text = check_text_value("param", key, value, MAX_PARAM_VALUE_LENGTH)
+        before = run.params.setdefault(key, text)
+        if before is text:
+            run.engine.put(MetaEvent("param", run.run_id, key, text))
+        elif before != text:
+            raise ParamConflictError(
+                f"param {key!r} of run {run.run_id} is already {before!r}; MLflow does not "
+                f"allow changing it to {text!r}"
+            )
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        errors: list[Exception] = []
+        for key, value in params.items():
+            try:
+                self.log_param(key, value)
+            except (TypeError, ValueError) as exc:
+                errors.append(exc)
+        if errors:
+            _raise_collected(errors)
+
+    def set_tag(self, key: str, value: Any) -> None:
+        run = self._run_var.get() or self._active()
+        if key not in _checked_keys:
+            check_key(key, "tag")
+        text = check_text_value("tag", key, value, MAX_TAG_VALUE_LENGTH)
+        run.engine.put(MetaEvent("tag", run.run_id, key, text))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        errors: list[Exception] = []
+        for key, value in tags.items():
+            try:
+                self.set_tag(key, value)
+            except (TypeError, ValueError) as exc:
+                errors.append(exc)
+        if errors:
+            _raise_collected(errors)
+
+    # ------------------------------------------------------------------ delivery
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Return once everything logged to this tracker's server is stored.
+
+        Raises :class:`~asynctrack.errors.FlushTimeoutError` at the deadline (``None``: the
+        configured ``flush_timeout``) and :class:`~asynctrack.errors.DeliveryError` naming
+        the events the server refused since the last flush.
+        """
+        self._engine().flush(timeout)
+
+    async def aflush(self, timeout: float | None = None) -> None:
+        """:meth:`flush` without blocking the event loop."""
+        await anyio.to_thread.run_sync(self.flush, timeout, abandon_on_cancel=True)
+
+    def stats(self) -> Stats:
+        return self._engine().stats()
+
+    def _engine(self) -> Engine:
+        run = self._run_var.get() or self._last_run
+        if run is not None:
+            return run.engine
+        return get_engine(_runs.resolve_tracking_uri(self._tracking_uri))
+
+
+class NestedRunTracker(MLflowExperimentTracker):
+    """A child run of the run active in the current thread or task (cross-validation folds,
+    grid-search points). Entering it with no active run raises NoActiveRunError."""
+
+    def __init__(self, run_name: str | None = None, tags: Mapping[str, Any] | None = None) -> None:
+        super().__init__(run_name=run_name, tags=tags)
+
+    def _parent(self) -> Run | None:
+        parent = _runs.current_run.get()
+        if parent is None:
+            raise NoActiveRunError("NestedRunTracker needs a parent: enter it inside an active run")
+        return parent
+
+
+class _Fixed:
+    """Stands in for a tracker's context variable when the run is known up front."""
+
+    __slots__ = ("_run",)
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+
+    def get(self) -> Run:
+        return self._run
+
+
+class RunLogger(MLflowExperimentTracker):
+    """The logging methods, bound to one run (used by the decorators)."""
+
+    def __init__(self, run: Run) -> None:
+        super().__init__(tracking_uri=run.tracking_uri)
+        self._run_var = _Fixed(run)  # type: ignore[assignment]
+        self._last_run = run
+
+
+class _RunScope:
+    """One run's lifetime, as a sync or async context manager."""
+
+    def __init__(
+        self,
+        tracker: MLflowExperimentTracker,
+        run_name: str | None,
+        tags: dict[str, Any],
+        nested: bool = False,
+    ) -> None:
+        self._tracker = tracker
+        self._run_name = run_name
+        self._tags = tags
+        self._nested = nested
+        self._run: Run | None = None
+        self._tokens: tuple[contextvars.Token[Run | None], ...] = ()
+
+    @property
+    def run(self) -> Run:
+        assert self._run is not None, "the run scope was not entered"
+        return self._run
+
+    def _parent(self) -> Run | None:
+        return _runs.current_run.get() if self._nested else self._tracker._parent()
+
+    def _create(self, parent: Run | None) -> Run:
+        tracker = self._tracker
+        return _runs.create_run(
+            _runs.resolve_tracking_uri(tracker._tracking_uri),
+            tracker._experiment_name,
+            self._run_name,
+            self._tags,
+            parent,
+        )
+
+    def _activate(self, run: Run) -> MLflowExperimentTracker:
+        self._run = run
+        self._tracker._last_run = run
+        self._tokens = (self._tracker._run_var.set(run), _runs.current_run.set(run))
+        _runs.push_fluent(run)
+        return self._tracker
+
+    def deactivate(self, exc_type: type[BaseException] | None) -> str:
+        """Leave the run's context (it stays open on the server); return its final status."""
+        run_token, current_token = self._tokens
+        self._tracker._run_var.reset(run_token)
+        _runs.current_run.reset(current_token)
+        _runs.pop_fluent(self.run)
+        return self.status_of(exc_type)
+
+    @staticmethod
+    def status_of(exc: type[BaseException] | BaseException | None) -> str:
+        if exc is None:
+            return "FINISHED"
+        exc_type = exc if isinstance(exc, type) else type(exc)
+        return "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+
+    def finish(self, status: str, error: BaseException | None) -> None:
+        _finish(self.run, status, failing=error is not None)
+
+    async def afinish(self, status: str, error: BaseException | None) -> None:
+        await anyio.to_thread.run_sync(_finish, self.run, status, error is not None)
+
+    def __enter__(self) -> MLflowExperimentTracker:
+        return self._activate(self._create(self._parent()))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.finish(self.deactivate(exc_type), exc)
+
+    async def __aenter__(self) -> MLflowExperimentTracker:
+        parent = self._parent()
+        run = await anyio.to_thread.run_sync(self._create, parent)
+        return self._activate(run)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.afinish(self.deactivate(exc_type), exc)
+
+
+def _finish(run: Run, status: str, failing: bool) -> None:
+    """End a run; while an exception is escaping, report delivery problems without masking it."""
+    if not failing:
+        run.engine.end_run(run.run_id, status)
+        return
+    try:
+        run.engine.end_run(run.run_id, status)
+    except Exception as exc:
+        logger.warning("asynctrack: while ending run %s: %s", run.run_id, exc)
+
+
+def _raise_collected(errors: list[Exception]) -> None:
+    if len(errors) == 1:
+        raise errors[0]
+    message = "; ".join(str(e) for e in errors)
+    raise type(errors[0])(f"{len(errors)} invalid entries: {message}")

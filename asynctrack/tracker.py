@@ -17,6 +17,7 @@ from typing import Any
 import anyio.to_thread
 
 from asynctrack import _runs
+from asynctrack._artifacts.methods import ArtifactMethods
 from asynctrack._engine import Engine, get_engine
 from asynctrack._engine.events import (
     MAX_PARAM_VALUE_LENGTH,
@@ -37,7 +38,7 @@ __all__ = ["MLflowExperimentTracker", "NestedRunTracker"]
 logger = logging.getLogger("asynctrack")
 
 
-class MLflowExperimentTracker:
+class MLflowExperimentTracker(ArtifactMethods):
     """Logs to runs of one experiment; also a context manager that starts a run.
 
     ``with tracker.start_run(run_name=...):`` or ``with MLflowExperimentTracker(...) as t:``

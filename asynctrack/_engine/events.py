@@ -16,6 +16,7 @@ import posixpath
 import re
 import time
 import warnings
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Union
 
 Metric = tuple[str, str, Any, float, int]
@@ -112,6 +113,26 @@ class MetaEvent:
         self.value = value  # for "end": the status, e.g. "FINISHED"
 
 
+class Job:
+    """Work for the worker's event loop other than ``log_batch`` calls (an artifact upload).
+
+    ``work(engine)`` is awaited on the worker's loop, where it may use the engine's
+    ``run_blocking``, ``resources`` and ``exit_stack``; an exception it raises is reported
+    at the next flush as a refusal of ``label`` (e.g. the artifact's path). Flushes and run
+    ends wait for jobs queued before them.
+    """
+
+    __slots__ = ("kind", "label", "run_id", "work")
+
+    def __init__(
+        self, run_id: str, kind: str, label: str, work: Callable[[Any], Awaitable[None]]
+    ) -> None:
+        self.run_id = run_id
+        self.kind = kind
+        self.label = label
+        self.work = work
+
+
 class Barrier:
     """Placed in the queue by flush(): resolved once everything before it is stored."""
 
@@ -121,4 +142,4 @@ class Barrier:
         self.future: concurrent.futures.Future[None] = concurrent.futures.Future()
 
 
-Event = Union[Metric, MetaEvent, Barrier]  # noqa: UP007 (a runtime alias on 3.10)
+Event = Union[Metric, MetaEvent, Job, Barrier]  # noqa: UP007 (a runtime alias on 3.10)

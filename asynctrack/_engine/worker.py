@@ -24,10 +24,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from asynctrack._engine.batching import MAX_METRICS, pack_meta
-from asynctrack._engine.events import Barrier, Event, MetaEvent, Metric, now_ms
+from asynctrack._engine.events import Barrier, Event, Job, MetaEvent, Metric, now_ms
 from asynctrack._engine.stats import Stats
 from asynctrack._engine.threads import DaemonPool
 from asynctrack._engine.transport import Refused, Transient, Transport, make_transport
@@ -41,6 +41,8 @@ from asynctrack.errors import (
 )
 
 logger = logging.getLogger("asynctrack")
+
+T = TypeVar("T")
 
 _POLL = 0.05  # seconds between looks at the queue's length
 _CHUNK = 20_000  # events taken off the queue before the worker lets its sends run
@@ -249,6 +251,11 @@ class Engine:
         self._run_locks: dict[str, asyncio.Lock] = {}
         self._metrics: dict[str, list[Metric]] = {}
         self._meta: dict[str, list[MetaEvent]] = {}
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._io_pool = DaemonPool(4, "asynctrack-io")
+        #: Per-worker state for jobs (an S3 client, say), closed when the worker stops.
+        self.resources: dict[str, Any] = {}
+        self.exit_stack = contextlib.AsyncExitStack()
         started.set()
         try:
             self._transport = self._transport_factory(
@@ -271,6 +278,9 @@ class Engine:
                         last = time.monotonic()
         finally:
             self._pool.close()
+            self._io_pool.close()
+            with contextlib.suppress(Exception):
+                await self.exit_stack.aclose()
 
     async def _pump(self, due: bool) -> None:
         buf = self._buf
@@ -291,6 +301,9 @@ class Engine:
                         await self._end_run(event)
                     else:
                         self._meta.setdefault(event.run_id, []).append(event)
+                elif isinstance(event, Job):
+                    self._held += 1
+                    self._start_job(event)
                 elif isinstance(event, Barrier):
                     await self._settle()
                     event.future.set_result(None)
@@ -304,8 +317,8 @@ class Engine:
     async def _settle(self) -> None:
         """Send every partial batch and wait until all requests are done."""
         await self._dispatch_all()
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks))
+        while self._tasks or self._jobs:
+            await asyncio.gather(*self._tasks, *self._jobs)
 
     async def _dispatch_all(self) -> None:
         metrics, self._metrics = self._metrics, {}
@@ -335,6 +348,27 @@ class Engine:
         self._slots.release()
         if not task.cancelled() and task.exception() is not None:
             logger.error("asynctrack send failed", exc_info=task.exception())
+
+    def _start_job(self, job: Job) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_job(job))
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    async def _run_job(self, job: Job) -> None:
+        try:
+            await job.work(self)
+        except Exception as exc:  # reported at the next flush, named by the job's label
+            self._refuse([Rejection(job.run_id, job.kind, job.label, str(exc) or repr(exc))])
+        else:
+            self._held -= 1
+
+    async def run_blocking(self, fn: Callable[[], T]) -> T:
+        """For jobs: run a blocking call on a daemon thread (never the metric senders')."""
+        return await self._io_pool.run(fn)
+
+    def note_transient(self, reason: str) -> None:
+        """For jobs: remember why a retry happened, for timeout and exit messages."""
+        self._last_error = reason
 
     async def _send_metrics(self, run_id: str, batch: Sequence[Metric]) -> None:
         refused = await self._attempt(

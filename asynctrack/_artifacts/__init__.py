@@ -1,0 +1,1 @@
+"""Artifacts and models: captured at the call, uploaded by the engine's worker."""

@@ -1,0 +1,207 @@
+"""Core benchmark: asynctrack vs MLflow's own logging, against one real server.
+
+Run by hand: ``python benchmarks/bench_core.py``. It starts an MLflow server (sqlite store,
+4 uvicorn workers as MLflow's default) on 127.0.0.1, measures, prints a table, stops it.
+
+- caller cost: wall time of a tight loop divided by the calls, with the worker running as
+  it normally does (its CPU shares the GIL with the loop, so it is part of the cost);
+  median of several rounds;
+- end to end: metrics/s from the first call until flushed;
+- a training-like loop (about 1 ms of numpy work and 10 metrics a step) against the same
+  loop without logging;
+- memory per buffered metric (tracemalloc, with the sender held back).
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.entities import Metric
+
+import asynctrack
+from asynctrack import MLflowExperimentTracker
+from asynctrack._engine.worker import Engine
+from asynctrack._runs import Run
+from asynctrack.config import EngineConfig
+from asynctrack.testing import MlflowServer
+
+ROUNDS = 5
+CALLS = 200_000
+
+
+def per_call_us(fn: Callable[[int], None], calls: int, rounds: int = ROUNDS) -> float:
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn(calls)
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(samples)
+
+
+def bench_asynctrack(experiment: str, results: dict[str, float]) -> None:
+    tracker = MLflowExperimentTracker(experiment_name=experiment)
+    with tracker.start_run(run_name="asynctrack-caller-cost"):
+        log_metric, log_metrics, set_tag = tracker.log_metric, tracker.log_metrics, tracker.set_tag
+
+        def metric_loop(n: int) -> None:
+            for i in range(n):
+                log_metric("loss", 0.5, step=i)
+
+        def metrics_loop(n: int) -> None:
+            values = {f"m{k}": 0.1 * k for k in range(10)}
+            for i in range(n):
+                log_metrics(values, step=i)
+
+        def tag_loop(n: int) -> None:
+            for i in range(n):
+                set_tag("phase", i)
+
+        results["asynctrack log_metric us"] = per_call_us(metric_loop, CALLS)
+        tracker.flush(600)
+        results["asynctrack log_metrics(10) us"] = per_call_us(metrics_loop, CALLS // 10)
+        tracker.flush(600)
+        results["asynctrack set_tag us"] = per_call_us(tag_loop, CALLS)
+        tracker.flush(600)
+
+    with tracker.start_run(run_name="asynctrack-end-to-end"):
+        n = 100_000
+        start = time.perf_counter()
+        for i in range(n):
+            tracker.log_metric("e2e", float(i), step=i)
+        tracker.flush(600)
+        results["asynctrack end-to-end metrics/s"] = n / (time.perf_counter() - start)
+
+
+def bench_raw_log_batch(client: mlflow.MlflowClient, run_id: str, results: dict[str, float]) -> None:
+    now = int(time.time() * 1000)
+    batches = [
+        [Metric(f"raw{b}", float(i), now, i) for i in range(1000)] for b in range(40)
+    ]
+    start = time.perf_counter()
+    for batch in batches[:20]:
+        client.log_batch(run_id, metrics=batch, synchronous=True)
+    results["raw log_batch, 1 stream, metrics/s"] = 20_000 / (time.perf_counter() - start)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda b: client.log_batch(run_id, metrics=b, synchronous=True), batches[20:]))
+    results["raw log_batch, 4 in flight, metrics/s"] = 20_000 / (time.perf_counter() - start)
+
+
+def bench_mlflow(experiment: str, results: dict[str, float]) -> None:
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name="mlflow-sync"):
+        results["mlflow log_metric sync us"] = per_call_us(
+            lambda n: [mlflow.log_metric("loss", 0.5, step=i) for i in range(n)], 100, rounds=1
+        )
+        results["mlflow set_tag sync us"] = per_call_us(
+            lambda n: [mlflow.set_tag("phase", i) for i in range(n)], 50, rounds=1
+        )
+    with mlflow.start_run(run_name="mlflow-async") as run:
+        n = 2000
+        start = time.perf_counter()
+        ops = [mlflow.log_metric("loss", float(i), step=i, synchronous=False) for i in range(n)]
+        caller = time.perf_counter() - start
+        results["mlflow log_metric synchronous=False us"] = caller / n * 1e6
+        for op in ops:
+            op.wait()
+        results["mlflow async end-to-end metrics/s"] = n / (time.perf_counter() - start)
+        values = {f"m{k}": 0.1 * k for k in range(10)}
+        start = time.perf_counter()
+        ops = [mlflow.log_metrics(values, step=i, synchronous=False) for i in range(200)]
+        results["mlflow log_metrics(10) synchronous=False us"] = (
+            (time.perf_counter() - start) / 200 * 1e6
+        )
+        for op in ops:
+            op.wait()
+        bench_raw_log_batch(mlflow.MlflowClient(), run.info.run_id, results)
+
+
+def bench_training_loop(experiment: str, results: dict[str, float]) -> None:
+    a = np.random.default_rng(0).random((180, 180))
+    steps = 2000
+
+    def work() -> float:
+        return float((a @ a).sum())  # about 1 ms, GIL released like real training
+
+    def loop(log: Callable[[dict[str, float], int], None] | None) -> float:
+        start = time.perf_counter()
+        for step in range(steps):
+            loss = work()
+            if log is not None:
+                log({f"metric_{k}": loss + k for k in range(10)}, step)
+        return time.perf_counter() - start
+
+    loop(None)  # warm up
+    tracker = MLflowExperimentTracker(experiment_name=experiment)
+    base, logged = [], []
+    with tracker.start_run(run_name="training-loop"):
+        for _ in range(3):
+            base.append(loop(None))
+            logged.append(loop(lambda m, s: tracker.log_metrics(m, step=s)))
+    b, t = statistics.median(base), statistics.median(logged)
+    results["training loop step ms (no logging)"] = b / steps * 1e3
+    results["training loop slowdown %"] = (t - b) / b * 100
+
+
+def bench_memory(results: dict[str, float]) -> None:
+    hold = threading.Event()
+
+    class Held:
+        def log_batch(self, *args: object) -> None:
+            hold.wait()
+
+        def end_run(self, *args: object) -> None:
+            pass
+
+    engine = Engine("bench://memory", EngineConfig(flush_interval=3600), lambda u, t: Held())
+    run = Run("0" * 32, "0", "bench://memory", "", engine, None)
+    tracker = MLflowExperimentTracker()
+    tracker._run_var.set(run)
+    n = 200_000
+    tracker.log_metric("warmup", 1.0)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(n):
+        tracker.log_metric("loss", float(i), step=i)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    results["memory per buffered metric, bytes"] = used / n
+    hold.set()
+
+
+def main() -> None:
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp, MlflowServer(Path(tmp), workers=4) as server:
+        mlflow.set_tracking_uri(server.url)
+        print(f"MLflow {mlflow.__version__} server at {server.url}, python {sys.version.split()[0]}")
+        bench_asynctrack("bench-asynctrack", results)
+        bench_training_loop("bench-loop", results)
+        bench_mlflow("bench-mlflow", results)
+        bench_memory(results)
+        asynctrack.flush(600)
+    width = max(map(len, results))
+    for name, value in results.items():
+        print(f"{name:<{width}}  {value:>12,.2f}")
+    at, sync_off = results["asynctrack log_metric us"], results["mlflow log_metric synchronous=False us"]
+    raw4 = results["raw log_batch, 4 in flight, metrics/s"]
+    print(f"{'asynctrack vs synchronous=False':<{width}}  {sync_off / at:>11,.0f}x cheaper")
+    print(
+        f"{'asynctrack end-to-end / raw 4 in flight':<{width}}  "
+        f"{results['asynctrack end-to-end metrics/s'] / raw4 * 100:>11,.0f}%"
+    )
+
+
+if __name__ == "__main__":
+    main()

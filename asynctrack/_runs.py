@@ -25,7 +25,7 @@ class Run:
 
     run_id: str
     experiment_id: str
-    tracking_uri: str
+    tracking_uri: str = field(repr=False)  # may carry user:password@
     artifact_uri: str
     engine: Engine
     entity: Any = field(repr=False)

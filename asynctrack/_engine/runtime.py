@@ -18,6 +18,7 @@ import weakref
 from typing import Any
 
 from asynctrack._engine.stats import Stats
+from asynctrack._engine.transport import redact
 from asynctrack._engine.worker import Engine, State
 from asynctrack.config import EngineConfig
 
@@ -99,16 +100,9 @@ def _close(engine: Engine, timeout: float) -> None:
     if left:
         cause = engine.last_error()
         sys.stderr.write(
-            f"asynctrack: {left} event(s) could not be stored at {_redact(engine.tracking_uri)} "
+            f"asynctrack: {left} event(s) could not be stored at {redact(engine.tracking_uri)} "
             f"before the {timeout:g} s exit deadline{'; last error: ' + cause if cause else ''}\n"
         )
-
-
-def _redact(uri: str) -> str:
-    if "@" in uri and "//" in uri:
-        scheme, rest = uri.split("//", 1)
-        return f"{scheme}//***@{rest.split('@', 1)[1]}"
-    return uri
 
 
 def _register_mp_finalizer(engine: Engine) -> None:

@@ -210,7 +210,12 @@ def _error_of(text: str) -> tuple[str, str]:
 _USERINFO = re.compile(r"(?<=//)[^/@\s]+@")
 
 
+def redact(text: str) -> str:
+    """Hide the ``user:password@`` part of any URL in ``text``."""
+    return _USERINFO.sub("***@", text)
+
+
 def _short(message: str, limit: int = 300) -> str:
-    """Trim a server message, and hide any ``user:password@`` a URL in it carries."""
-    message = _USERINFO.sub("***@", message)
+    """Trim a server message, and hide credentials a URL in it carries."""
+    message = redact(message)
     return message if len(message) <= limit else message[:limit] + "..."

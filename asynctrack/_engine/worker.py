@@ -30,7 +30,7 @@ from asynctrack._engine.batching import MAX_METRICS, pack_meta
 from asynctrack._engine.events import Barrier, Event, Job, MetaEvent, Metric, now_ms
 from asynctrack._engine.stats import Stats
 from asynctrack._engine.threads import DaemonPool
-from asynctrack._engine.transport import Refused, Transient, Transport, make_transport
+from asynctrack._engine.transport import Refused, Transient, Transport, make_transport, redact
 from asynctrack.config import EngineConfig
 from asynctrack.errors import (
     DeliveryError,
@@ -83,13 +83,15 @@ class Engine:
         self._main_task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._urgent = False
-        self._closing = False
         self._rejections: list[Rejection] = []
         self._last_error = ""
         # Counters, written by the worker thread only (dropped: under self._lock).
         self._held = 0  # taken off the queue, not yet stored or refused
         self._sent = self._retried = self._rejected = self._dropped = 0
         self._batches = self._in_flight = 0
+
+    def __repr__(self) -> str:
+        return f"Engine({redact(self.tracking_uri)!r}, state={self.state.value})"
 
     # ------------------------------------------------------------------ callers' side
 
@@ -126,7 +128,7 @@ class Engine:
 
     def _full_message(self) -> str:
         return (
-            f"asynctrack queue full ({self._capacity} events) for {self.tracking_uri}; "
+            f"asynctrack queue full ({self._capacity} events) for {redact(self.tracking_uri)}; "
             f"the server is not keeping up{self._cause()}"
         )
 
@@ -171,7 +173,7 @@ class Engine:
                 pending = self.pending()
                 raise FlushTimeoutError(
                     f"flush timed out after {limit} s with {pending} event(s) not yet stored "
-                    f"at {self.tracking_uri}{self._cause()}; they stay queued",
+                    f"at {redact(self.tracking_uri)}{self._cause()}; they stay queued",
                     pending,
                 ) from None
         rejected = self._take_rejections(run_id)
@@ -190,7 +192,6 @@ class Engine:
             if self.state is not State.OPEN:
                 self.state = State.CLOSED
                 return 0
-        self._closing = True
         with contextlib.suppress(FlushTimeoutError, DeliveryError):
             self.flush(timeout)
         with self._lock:
@@ -218,6 +219,10 @@ class Engine:
                 raise EngineClosedError(
                     "asynctrack has shut down (interpreter exit); event not logged"
                 )
+            # Built here, so a tracking URI it cannot serve fails the first call, loudly.
+            self._transport = self._transport_factory(
+                self.tracking_uri, self.config.request_timeout
+            )
             started = threading.Event()
             self._thread = threading.Thread(
                 target=self._run, args=(started,), name="asynctrack-worker", daemon=True
@@ -258,9 +263,6 @@ class Engine:
         self.exit_stack = contextlib.AsyncExitStack()
         started.set()
         try:
-            self._transport = self._transport_factory(
-                self.tracking_uri, self.config.request_timeout
-            )
             poll = min(_POLL, self.config.flush_interval)
             last = time.monotonic()
             while True:

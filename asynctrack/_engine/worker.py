@@ -154,12 +154,14 @@ class Engine:
         self.put(MetaEvent("end", run_id, "status", status))
         self.flush(timeout, run_id=run_id)
 
-    def flush(self, timeout: float | None = None, run_id: str | None = None) -> None:
+    def flush(
+        self, timeout: float | None = None, run_id: str | None = None, report: bool = True
+    ) -> None:
         """Block until everything queued before the call is stored or refused.
 
         Raises FlushTimeoutError at the deadline (``None``: the configured flush_timeout,
-        ``math.inf``: none), then DeliveryError for events refused since the last flush
-        (only ``run_id``'s, when given).
+        ``math.inf``: none), then, if ``report``, DeliveryError for events refused since the
+        last flush (only ``run_id``'s, when given); otherwise they wait for the next flush.
         """
         if self.state is State.OPEN:
             barrier = Barrier()
@@ -176,7 +178,7 @@ class Engine:
                     f"at {redact(self.tracking_uri)}{self._cause()}; they stay queued",
                     pending,
                 ) from None
-        rejected = self._take_rejections(run_id)
+        rejected = self._take_rejections(run_id) if report else []
         if rejected:
             raise DeliveryError(rejected)
 

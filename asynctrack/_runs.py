@@ -125,17 +125,78 @@ def default_experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or config.MLFLOW_EXPERIMENT_NAME
 
 
-def push_fluent(run: Run) -> None:
-    """Make ``run`` MLflow's active run in this thread (no I/O: the entity is at hand)."""
+class _ContextRunStack:
+    """MLflow's active-run stack, per thread *and per asyncio task*.
+
+    MLflow keeps it in a thread-local, so two tasks of one event loop would share it and a
+    fluent ``mlflow.log_metric`` in one task could land in the other task's run. This
+    drop-in (same ``get``/``set``/``get_all_thread_values``) keeps a stack per context: a
+    task starts from a copy of its creator's stack and never changes the creator's.
+    """
+
+    def __init__(self, thread_local: Any) -> None:
+        self._thread_local = thread_local
+        self._var: contextvars.ContextVar[tuple[object, list[Any]]] = contextvars.ContextVar(
+            "asynctrack_mlflow_run_stack"
+        )
+        self._stacks: dict[object, list[Any]] = {}
+
+    @staticmethod
+    def _owner() -> object:
+        import asyncio
+
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running loop in this thread
+            task = None
+        return (threading.get_ident(), id(task) if task is not None else None)
+
+    def get(self) -> list[Any]:
+        owner = self._owner()
+        held = self._var.get(None)
+        if held is not None and held[0] == owner:
+            return held[1]
+        # A new task copies its creator's stack; a fresh context starts from the runs this
+        # thread started before asynctrack took over.
+        stack = list(held[1]) if held is not None else list(self._thread_local.get())
+        self.set(stack, owner)
+        return stack
+
+    def set(self, value: list[Any], owner: object = None) -> None:
+        owner = owner or self._owner()
+        self._var.set((owner, value))
+        self._stacks[owner] = value
+        for key in [k for k, v in self._stacks.items() if not v and k != owner]:
+            del self._stacks[key]  # forget contexts with nothing active
+
+    def get_all_thread_values(self) -> dict[object, list[Any]]:
+        return dict(self._stacks)
+
+
+_stack_lock = threading.Lock()
+
+
+def _fluent_stack() -> Any:
     from mlflow.tracking import fluent
 
-    fluent._active_run_stack.get().append(fluent.ActiveRun(run.entity))
+    with _stack_lock:
+        if not isinstance(fluent._active_run_stack, _ContextRunStack):
+            fluent._active_run_stack = _ContextRunStack(fluent._active_run_stack)  # type: ignore[assignment]
+    return fluent._active_run_stack
+
+
+def push_fluent(run: Run) -> None:
+    """Make ``run`` MLflow's active run in this thread or task (no I/O: the entity is at
+    hand)."""
+    from mlflow.tracking import fluent
+
+    _fluent_stack().get().append(fluent.ActiveRun(run.entity))
 
 
 def pop_fluent(run: Run) -> None:
     from mlflow.tracking import fluent
 
-    stack = fluent._active_run_stack.get()
+    stack = _fluent_stack().get()
     for i in range(len(stack) - 1, -1, -1):
         if stack[i].info.run_id == run.run_id:
             del stack[i]

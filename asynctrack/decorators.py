@@ -54,20 +54,15 @@ def _starts_run(fn: Callable[..., Any]) -> bool:
     return bool(getattr(fn, _STARTS_RUN, False))
 
 
-def _current_logger(fn: Callable[..., Any]) -> tuple[RunLogger | None, _CallScope | None]:
-    """Where a decorator on ``fn`` logs: the active run, or a call scope an inner run fills."""
+def _active_logger(fn: Callable[..., Any]) -> RunLogger:
+    """The run a decorator on ``fn`` (which starts no run of its own) logs to."""
     run = _runs.current_run.get() or _runs.fluent_run()
-    if run is not None:
-        return RunLogger(run), None
-    scope = _call_scope.get()
-    if scope is not None:
-        return (RunLogger(scope.run) if scope.run else None), scope
-    if _starts_run(fn):
-        return None, None
-    raise NoActiveRunError(
-        f"{getattr(fn, '__qualname__', fn)!r} logs to MLflow but no run is active: call it "
-        "inside a tracker run, or decorate it with @mlflow_run"
-    )
+    if run is None:
+        raise NoActiveRunError(
+            f"{getattr(fn, '__qualname__', fn)!r} logs to MLflow but no run is active: call it "
+            "inside a tracker run, or decorate it with @mlflow_run"
+        )
+    return RunLogger(run)
 
 
 def _logging_decorator(
@@ -75,31 +70,36 @@ def _logging_decorator(
     before: Callable[[RunLogger, tuple[Any, ...], dict[str, Any]], None] | None,
     after: Callable[[RunLogger, Any, float], None] | None,
 ) -> Callable[P, R]:
-    """Wrap ``fn`` so ``before`` logs ahead of the call and ``after`` logs its result."""
+    """Wrap ``fn`` so ``before`` logs ahead of the call and ``after`` logs its result.
+
+    Above an ``@mlflow_run`` (``fn`` starts a run), both log to *that* run, whatever run is
+    active around the call: the decorators of one function share a call scope, which the
+    run fills once it starts and which ends it once the outermost decorator is done.
+    """
+    starts_run = _starts_run(fn)
 
     def enter(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_CallScope | None, Any]:
-        logger, scope = _current_logger(fn)
-        owned = None
-        if logger is None and scope is None:  # the outermost decorator above @mlflow_run
+        if not starts_run:
+            if before is not None:
+                before(_active_logger(fn), args, kwargs)
+            return None, None
+        scope, owned = _call_scope.get(), None
+        if scope is None or scope.run is not None:  # the outermost decorator of this call
             scope = _CallScope()
             owned = _call_scope.set(scope)
         if before is not None:
-            if logger is not None:
-                before(logger, args, kwargs)
-            else:
-                assert scope is not None
-                scope.deferred.append(lambda lg: before(lg, args, kwargs))
+            scope.deferred.append(lambda logger: before(logger, args, kwargs))
         return scope, owned
 
     def log_after(scope: _CallScope | None, result: Any, elapsed: float) -> None:
         if after is None:
             return
-        logger, _ = _current_logger(fn) if scope is None else (None, None)
-        if scope is not None and scope.run is not None:
-            logger = RunLogger(scope.run)
-        if logger is None:
+        if scope is None:
+            after(_active_logger(fn), result, elapsed)
+        elif scope.run is None:
             raise NoActiveRunError(f"{fn.__qualname__!r}: the run it logs to was never started")
-        after(logger, result, elapsed)
+        else:
+            after(RunLogger(scope.run), result, elapsed)
 
     if inspect.iscoroutinefunction(fn):
         afn = cast(Callable[P, Awaitable[Any]], fn)
@@ -144,7 +144,7 @@ def _logging_decorator(
                         scope.finish(error)
 
         wrapper = sync_wrapper
-    setattr(wrapper, _STARTS_RUN, _starts_run(fn))
+    setattr(wrapper, _STARTS_RUN, starts_run)
     return cast(Callable[P, R], wrapper)
 
 

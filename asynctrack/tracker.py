@@ -7,6 +7,7 @@ worker thread, so the event loop never waits on them.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import time
@@ -14,6 +15,8 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from asynctrack import _runs
@@ -341,16 +344,21 @@ class _RunScope:
 
     @staticmethod
     def status_of(exc: type[BaseException] | BaseException | None) -> str:
+        """FINISHED, KILLED for Ctrl-C or a cancelled task, FAILED for any other error."""
         if exc is None:
             return "FINISHED"
         exc_type = exc if isinstance(exc, type) else type(exc)
-        return "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        killed = issubclass(exc_type, (KeyboardInterrupt, asyncio.CancelledError))
+        return "KILLED" if killed else "FAILED"
 
     def finish(self, status: str, error: BaseException | None) -> None:
         _finish(self.run, status, failing=error is not None)
 
     async def afinish(self, status: str, error: BaseException | None) -> None:
-        await anyio.to_thread.run_sync(_finish, self.run, status, error is not None)
+        # Shielded: in a cancelled scope the run must still end (anyio cancellation is
+        # level-triggered, so an unshielded await would raise before the run ends).
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_finish, self.run, status, error is not None)
 
     def __enter__(self) -> MLflowExperimentTracker:
         return self._activate(self._create(self._parent()))
@@ -365,8 +373,17 @@ class _RunScope:
 
     async def __aenter__(self) -> MLflowExperimentTracker:
         parent = self._parent()
-        run = await anyio.to_thread.run_sync(self._create, parent)
-        return self._activate(run)
+        # Shielded: a run created on the server must be handed to its block, whose exit
+        # ends it, even if the task is cancelled meanwhile.
+        with anyio.CancelScope(shield=True):
+            run = await anyio.to_thread.run_sync(self._create, parent)
+        tracker = self._activate(run)
+        try:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        except BaseException as exc:
+            await self.afinish(self.deactivate(type(exc)), exc)
+            raise
+        return tracker
 
     async def __aexit__(
         self,

@@ -36,13 +36,20 @@ from asynctrack._runs import Run
 from asynctrack.config import EngineConfig
 from asynctrack.testing import MlflowServer
 
-ROUNDS = 5
+ROUNDS = 3
 CALLS = 200_000
 
 
-def per_call_us(fn: Callable[[int], None], calls: int, rounds: int = ROUNDS) -> float:
+def per_call_us(
+    fn: Callable[[int], None],
+    calls: int,
+    rounds: int = ROUNDS,
+    settle: Callable[[], None] = lambda: None,
+) -> float:
+    """Median cost of one call over ``rounds`` loops; ``settle`` (untimed) drains between."""
     samples = []
     for _ in range(rounds):
+        settle()
         start = time.perf_counter()
         fn(calls)
         samples.append((time.perf_counter() - start) / calls * 1e6)
@@ -67,12 +74,13 @@ def bench_asynctrack(experiment: str, results: dict[str, float]) -> None:
             for i in range(n):
                 set_tag("phase", i)
 
-        results["asynctrack log_metric us"] = per_call_us(metric_loop, CALLS)
-        tracker.flush(600)
-        results["asynctrack log_metrics(10) us"] = per_call_us(metrics_loop, CALLS // 10)
-        tracker.flush(600)
-        results["asynctrack set_tag us"] = per_call_us(tag_loop, CALLS)
-        tracker.flush(600)
+        def settle() -> None:
+            tracker.flush(600)
+
+        results["asynctrack log_metric us"] = per_call_us(metric_loop, CALLS, settle=settle)
+        results["asynctrack log_metrics(10) us"] = per_call_us(metrics_loop, 10_000, settle=settle)
+        results["asynctrack set_tag us"] = per_call_us(tag_loop, CALLS, settle=settle)
+        settle()
 
     with tracker.start_run(run_name="asynctrack-end-to-end"):
         n = 100_000
@@ -83,18 +91,20 @@ def bench_asynctrack(experiment: str, results: dict[str, float]) -> None:
         results["asynctrack end-to-end metrics/s"] = n / (time.perf_counter() - start)
 
 
-def bench_raw_log_batch(client: mlflow.MlflowClient, run_id: str, results: dict[str, float]) -> None:
+def bench_raw_log_batch(
+    client: mlflow.MlflowClient, run_id: str, results: dict[str, float]
+) -> None:
     now = int(time.time() * 1000)
-    batches = [
-        [Metric(f"raw{b}", float(i), now, i) for i in range(1000)] for b in range(40)
-    ]
+    batches = [[Metric(f"raw{b}", float(i), now, i) for i in range(1000)] for b in range(40)]
     start = time.perf_counter()
     for batch in batches[:20]:
         client.log_batch(run_id, metrics=batch, synchronous=True)
     results["raw log_batch, 1 stream, metrics/s"] = 20_000 / (time.perf_counter() - start)
     start = time.perf_counter()
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda b: client.log_batch(run_id, metrics=b, synchronous=True), batches[20:]))
+        list(
+            pool.map(lambda b: client.log_batch(run_id, metrics=b, synchronous=True), batches[20:])
+        )
     results["raw log_batch, 4 in flight, metrics/s"] = 20_000 / (time.perf_counter() - start)
 
 
@@ -185,7 +195,9 @@ def main() -> None:
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp, MlflowServer(Path(tmp), workers=4) as server:
         mlflow.set_tracking_uri(server.url)
-        print(f"MLflow {mlflow.__version__} server at {server.url}, python {sys.version.split()[0]}")
+        print(
+            f"MLflow {mlflow.__version__} server at {server.url}, python {sys.version.split()[0]}"
+        )
         bench_asynctrack("bench-asynctrack", results)
         bench_training_loop("bench-loop", results)
         bench_mlflow("bench-mlflow", results)
@@ -194,7 +206,10 @@ def main() -> None:
     width = max(map(len, results))
     for name, value in results.items():
         print(f"{name:<{width}}  {value:>12,.2f}")
-    at, sync_off = results["asynctrack log_metric us"], results["mlflow log_metric synchronous=False us"]
+    at, sync_off = (
+        results["asynctrack log_metric us"],
+        results["mlflow log_metric synchronous=False us"],
+    )
     raw4 = results["raw log_batch, 4 in flight, metrics/s"]
     print(f"{'asynctrack vs synchronous=False':<{width}}  {sync_off / at:>11,.0f}x cheaper")
     print(

@@ -101,7 +101,8 @@ def _close(engine: Engine, timeout: float) -> None:
         cause = engine.last_error()
         sys.stderr.write(
             f"asynctrack: {left} event(s) could not be stored at {redact(engine.tracking_uri)} "
-            f"before the {timeout:g} s exit deadline{'; last error: ' + cause if cause else ''}\n"
+            f"before the {engine.config.exit_timeout:g} s exit deadline"
+            f"{'; last error: ' + cause if cause else ''}\n"
         )
 
 

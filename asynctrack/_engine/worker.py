@@ -45,7 +45,10 @@ logger = logging.getLogger("asynctrack")
 T = TypeVar("T")
 
 _POLL = 0.05  # seconds between looks at the queue's length
-_CHUNK = 20_000  # events taken off the queue before the worker lets its sends run
+# Events taken off the queue between two yields of the GIL. The worker shares the GIL with
+# the training loop: when the loop comes back from numpy or torch (which release it), it
+# waits until the worker lets go, so the worker works in short slices.
+_CHUNK = 256
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.25, 8.0
 
 
@@ -313,6 +316,7 @@ class Engine:
                     event.future.set_result(None)
             with self._room:
                 self._room.notify_all()
+            await asyncio.sleep(0)  # the loop's select() releases the GIL for the caller
             if not due and len(buf) < MAX_METRICS:
                 break
         if due:

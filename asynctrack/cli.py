@@ -1,34 +1,155 @@
-"""The ``asynctrack`` command."""
+"""The ``asynctrack`` command: the demo, run queries, the model registry and plots."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import click
 
 from asynctrack import config
 
+_FORMATS = click.Choice(["table", "csv", "json"])
+
 
 @click.group()
-def main() -> None:
+@click.option(
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    default=None,
+    help="The MLflow tracking server or store (default: MLFLOW_TRACKING_URI).",
+)
+def main(tracking_uri: str | None) -> None:
     """asynctrack: MLflow tracking that costs the training loop nothing."""
+    if tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
 
 
 @main.command()
-@click.option("--tracking-uri", default=None, help="An MLflow server; default: a local store.")
 @click.option("--experiment", default=config.MLFLOW_EXPERIMENT_NAME, show_default=True)
 @click.option(
     "--store-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("asynctrack-demo"),
     show_default=True,
-    help="Where the embedded store lives when no server is configured.",
+    help="Where the embedded store lives when no tracking URI is configured.",
 )
-def demo(tracking_uri: str | None, experiment: str, store_dir: Path) -> None:
+@click.pass_context
+def demo(ctx: click.Context, experiment: str, store_dir: Path) -> None:
     """Run the seed's pipeline on scikit-learn's diabetes data."""
     from asynctrack.demo import run_demo
 
+    tracking_uri = ctx.parent.params.get("tracking_uri") if ctx.parent else None
     run_demo(experiment, tracking_uri, store_dir, say=click.echo)
+
+
+@main.group()
+def runs() -> None:
+    """Query the runs of an experiment."""
+
+
+def _emit(data: Any, fmt: str) -> None:
+    import pandas as pd
+
+    if isinstance(data, pd.DataFrame):
+        if fmt == "csv":
+            click.echo(data.to_csv(index=False), nl=False)
+        elif fmt == "json":
+            click.echo(data.to_json(orient="records", date_format="iso"))
+        else:
+            click.echo(data.to_string(index=False) if not data.empty else "(nothing)")
+        return
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    rows = _flatten(data)
+    if fmt == "csv":
+        click.echo("key,value")
+        for key, value in rows:
+            click.echo(f"{key},{value}")
+    else:
+        width = max((len(k) for k, _ in rows), default=0)
+        for key, value in rows:
+            click.echo(f"{key:<{width}}  {value}")
+
+
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(data, dict):
+        out: list[tuple[str, Any]] = []
+        for key, value in data.items():
+            out.extend(_flatten(value, f"{prefix}{key}."))
+        return out
+    return [(prefix.rstrip("."), data)]
+
+
+@runs.command("compare")
+@click.argument("experiment")
+@click.option("--metric", "metrics", multiple=True, help="A metric to show (repeatable).")
+@click.option("--top-n", default=10, show_default=True)
+@click.option("--format", "fmt", type=_FORMATS, default="table", show_default=True)
+def runs_compare(experiment: str, metrics: tuple[str, ...], top_n: int, fmt: str) -> None:
+    """The best runs side by side, sorted by the first metric."""
+    from asynctrack.utils import compare_runs
+
+    _emit(compare_runs(experiment, list(metrics) or None, top_n), fmt)
+
+
+@runs.command("best")
+@click.argument("experiment")
+@click.option("--metric", default="r2_score", show_default=True)
+@click.option("--ascending", is_flag=True, help="Lower is better (rmse, loss...).")
+@click.option("--format", "fmt", type=_FORMATS, default="table", show_default=True)
+def runs_best(experiment: str, metric: str, ascending: bool, fmt: str) -> None:
+    """The best run by a metric."""
+    from asynctrack.utils import get_best_run
+
+    _emit(get_best_run(experiment, metric, ascending), fmt)
+
+
+@runs.command("summary")
+@click.argument("experiment")
+@click.option("--format", "fmt", type=_FORMATS, default="table", show_default=True)
+def runs_summary(experiment: str, fmt: str) -> None:
+    """Counts by status and figures for every metric."""
+    from asynctrack.utils import get_experiment_summary
+
+    _emit(get_experiment_summary(experiment), fmt)
+
+
+@main.group()
+def models() -> None:
+    """The model registry."""
+
+
+@models.command("list")
+@click.option("--format", "fmt", type=_FORMATS, default="table", show_default=True)
+def models_list(fmt: str) -> None:
+    """Every registered model with its latest version, stage and aliases."""
+    from asynctrack.utils import list_registered_models
+
+    _emit(list_registered_models(), fmt)
+
+
+@main.command()
+@click.argument("experiment")
+@click.option("--metric", required=True, help="The metric to plot.")
+@click.option("--run", "run_name", default=None, help="One run's name: plot along its steps.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The PNG to write (default: <experiment>-<metric>.png).",
+)
+def plot(experiment: str, metric: str, run_name: str | None, output: Path | None) -> None:
+    """A PNG of a metric across runs, or along the steps of one run."""
+    from asynctrack.plotting import plot_metric
+
+    output = output or Path(f"{experiment}-{metric}.png".replace("/", "_"))
+    plot_metric(experiment, metric, output, run_name)
+    click.echo(f"wrote {output}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,17 @@ from asynctrack.errors import (
     Rejection,
 )
 from asynctrack.tracker import MLflowExperimentTracker, NestedRunTracker
+from asynctrack.utils import (
+    compare_runs,
+    delete_experiment_runs,
+    get_best_run,
+    get_experiment_summary,
+    get_run_by_name,
+    list_registered_models,
+    load_best_model,
+    register_best_model,
+    transition_model_stage,
+)
 
 __all__ = (
     "AsyncTrackError",
@@ -44,13 +55,22 @@ __all__ = (
     "Rejection",
     "Stats",
     "aflush",
+    "compare_runs",
     "config",
     "configure",
+    "delete_experiment_runs",
     "flush",
+    "get_best_run",
+    "get_experiment_summary",
+    "get_run_by_name",
+    "list_registered_models",
+    "load_best_model",
     "log_metrics_decorator",
     "log_params_decorator",
     "mlflow_run",
+    "register_best_model",
     "setup_mlflow_env",
     "stats",
     "timed_execution",
+    "transition_model_stage",
 )

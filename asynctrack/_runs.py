@@ -7,6 +7,7 @@ step, so fluent calls inside a tracker run land in that run too.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 
 from asynctrack._engine import Engine, get_engine
 from asynctrack._engine.events import check_key
+from asynctrack._engine.runtime import before_exit
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 
@@ -39,6 +41,9 @@ class Run:
 current_run: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
     "asynctrack_current_run", default=None
 )
+
+#: Runs entered and not yet ended, by id: interpreter exit ends them as MLflow would.
+open_runs: dict[str, Run] = {}
 
 _experiment_ids: dict[tuple[str, str], str] = {}
 _experiment_lock = threading.Lock()
@@ -230,3 +235,22 @@ def fluent_run() -> Run | None:
             _fluent_runs.clear()
         _fluent_runs[entity.info.run_id] = run
     return run
+
+
+def end_open_runs() -> None:
+    """At interpreter exit: queue the end of every run still open (FINISHED, or FAILED when
+    an uncaught exception is ending the program) and take them off MLflow's stack, so
+    MLflow's own exit hook does not end them with blocking, retried calls."""
+    import sys
+
+    from asynctrack._engine.events import MetaEvent
+
+    status = "FAILED" if getattr(sys, "last_value", None) is not None else "FINISHED"
+    for run in list(open_runs.values()):
+        open_runs.pop(run.run_id, None)
+        pop_fluent(run)
+        with contextlib.suppress(Exception):  # an engine already closed: nothing to do
+            run.engine.put(MetaEvent("end", run.run_id, "status", status))
+
+
+before_exit.append(end_open_runs)

@@ -8,6 +8,7 @@ worker thread, so the event loop never waits on them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
@@ -67,6 +68,9 @@ class MLflowExperimentTracker(ArtifactMethods):
             f"asynctrack_run_{id(self)}", default=None
         )
         self._last_run: Run | None = None
+        # Runs of this tracker entered and not yet left, for threads that do not inherit
+        # the context (a plain threading.Thread started inside the run).
+        self._open: list[Run] = []
         self._scopes: contextvars.ContextVar[tuple[_RunScope, ...]] = contextvars.ContextVar(
             f"asynctrack_scopes_{id(self)}", default=()
         )
@@ -123,12 +127,20 @@ class MLflowExperimentTracker(ArtifactMethods):
 
     def _active(self) -> Run:
         run = self._run_var.get()
-        if run is None:
+        if run is not None:
+            return run
+        open_runs = list(self._open)
+        if len(open_runs) == 1:  # e.g. a thread started inside the run's block
+            return open_runs[0]
+        if open_runs:
             raise NoActiveRunError(
-                f"{type(self).__name__} has no active run here: log inside "
-                "`with tracker.start_run(...)` (or `async with`)"
+                f"{type(self).__name__} has {len(open_runs)} runs open in other threads or "
+                "tasks; start this thread with contextvars.copy_context().run(...) to say which"
             )
-        return run
+        raise NoActiveRunError(
+            f"{type(self).__name__} has no active run here: log inside "
+            "`with tracker.start_run(...)` (or `async with`)"
+        )
 
     @property
     def run_id(self) -> str | None:
@@ -152,7 +164,10 @@ class MLflowExperimentTracker(ArtifactMethods):
         self, key: str, value: float, step: int | None = None, timestamp: int | None = None
     ) -> None:
         run = self._run_var.get() or self._active()
-        if key not in _checked_keys:
+        try:
+            if key not in _checked_keys:
+                check_key(key, "metric")
+        except TypeError:  # an unhashable key: check_key names it
             check_key(key, "metric")
         if type(value) is not float and type(value) is not int:
             value = check_value(key, value)
@@ -181,8 +196,7 @@ class MLflowExperimentTracker(ArtifactMethods):
         errors: list[Exception] = []
         for key, value in metrics.items():
             try:
-                if key not in _checked_keys:
-                    check_key(key, "metric")
+                check_key(key, "metric")
                 if type(value) is not float and type(value) is not int:
                     value = check_value(key, value)
             except (TypeError, ValueError) as exc:
@@ -196,8 +210,9 @@ class MLflowExperimentTracker(ArtifactMethods):
         run = self._run_var.get() or self._active()
         check_key(key, "param")
         text = check_text_value("param", key, value, MAX_PARAM_VALUE_LENGTH)
-        before = run.params.setdefault(key, text)
-        if before is text:
+        before = run.params.get(key)
+        if before is None:
+            run.params[key] = text
             run.engine.put(MetaEvent("param", run.run_id, key, text))
         elif before != text:
             raise ParamConflictError(
@@ -217,8 +232,7 @@ class MLflowExperimentTracker(ArtifactMethods):
 
     def set_tag(self, key: str, value: Any) -> None:
         run = self._run_var.get() or self._active()
-        if key not in _checked_keys:
-            check_key(key, "tag")
+        check_key(key, "tag")
         text = check_text_value("tag", key, value, MAX_TAG_VALUE_LENGTH)
         run.engine.put(MetaEvent("tag", run.run_id, key, text))
 
@@ -330,6 +344,8 @@ class _RunScope:
     def _activate(self, run: Run) -> MLflowExperimentTracker:
         self._run = run
         self._tracker._last_run = run
+        self._tracker._open.append(run)
+        _runs.open_runs[run.run_id] = run
         self._tokens = (self._tracker._run_var.set(run), _runs.current_run.set(run))
         _runs.push_fluent(run)
         return self._tracker
@@ -337,6 +353,8 @@ class _RunScope:
     def deactivate(self, exc_type: type[BaseException] | None) -> str:
         """Leave the run's context (it stays open on the server); return its final status."""
         run_token, current_token = self._tokens
+        with contextlib.suppress(ValueError):
+            self._tracker._open.remove(self.run)
         self._tracker._run_var.reset(run_token)
         _runs.current_run.reset(current_token)
         _runs.pop_fluent(self.run)
@@ -396,6 +414,7 @@ class _RunScope:
 
 def _finish(run: Run, status: str, failing: bool) -> None:
     """End a run; while an exception is escaping, report delivery problems without masking it."""
+    _runs.open_runs.pop(run.run_id, None)
     if not failing:
         run.engine.end_run(run.run_id, status)
         return

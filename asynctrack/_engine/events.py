@@ -14,6 +14,7 @@ import math
 import numbers
 import posixpath
 import re
+import sys
 import time
 import warnings
 from collections.abc import Awaitable, Callable
@@ -37,10 +38,10 @@ def now_ms() -> int:
 
 def check_key(key: object, what: str) -> str:
     """Validate a metric, param or tag key as MLflow does; raise ``ValueError`` naming it."""
-    if key in _checked_keys:
-        return key  # type: ignore[return-value,unused-ignore]
     if not isinstance(key, str):
         raise ValueError(f"{what} key must be a string, got {type(key).__name__}: {key!r}")
+    if key in _checked_keys:
+        return key
     if len(key) > MAX_KEY_LENGTH:
         raise ValueError(f"{what} key {key[:60]!r}... is {len(key)} characters; the limit is 250")
     if not _KEY_RE.match(key):
@@ -95,10 +96,20 @@ def check_text_value(kind: str, key: str, value: object, limit: int) -> str:
             )
         warnings.warn(
             f"{kind} {key!r}: value of {len(text)} characters truncated to {limit}",
-            stacklevel=4,
+            stacklevel=_stacklevel_outside_package(),
         )
         text = text[:limit]
     return text
+
+
+def _stacklevel_outside_package() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside asynctrack."""
+    frame = sys._getframe(2)  # the caller of the function that warns
+    level = 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("asynctrack"):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
 
 
 class MetaEvent:

@@ -10,11 +10,14 @@ first event. ``multiprocessing`` children leave through ``os._exit`` without run
 from __future__ import annotations
 
 import atexit
+import multiprocessing
+import multiprocessing.util
 import os
 import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from asynctrack._engine.stats import Stats
@@ -85,8 +88,14 @@ def stats() -> Stats:
     return total
 
 
+#: Called at exit before the engines close (the run layer ends the runs still open).
+before_exit: list[Callable[[], None]] = []
+
+
 def shutdown() -> None:
     """Interpreter exit: send within the deadline, then say on stderr what is left."""
+    for hook in before_exit:
+        hook()
     engines = all_engines()
     if not engines:
         return
@@ -107,8 +116,6 @@ def _close(engine: Engine, timeout: float) -> None:
 
 
 def _register_mp_finalizer(engine: Engine) -> None:
-    import multiprocessing.util
-
     if multiprocessing.parent_process() is None:
         return  # the main process exits through atexit
     # A weak reference: the finalizer must not keep a discarded engine alive.
@@ -122,6 +129,20 @@ def _register_mp_finalizer(engine: Engine) -> None:
     multiprocessing.util.Finalize(engine, close, exitpriority=100)
 
 
+def _register_all_mp_finalizers(_: object) -> None:
+    # multiprocessing calls this in a new Process after clearing the finalizers it inherited
+    # (and after our at-fork hook, too early to know it is a multiprocessing child).
+    for engine in all_engines():
+        _register_mp_finalizer(engine)
+
+
+class _Token:
+    """multiprocessing keeps after-fork callbacks in a weak mapping: this keeps ours alive."""
+
+
+_after_fork_token = _Token()
+
+
 def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()  # the parent may have held it while forking
@@ -130,5 +151,10 @@ def _after_fork_in_child() -> None:
         _register_mp_finalizer(engine)
 
 
+# After MLflow's own exit hook is registered, so ours runs first (atexit is last-in,
+# first-out): MLflow's ends open runs with blocking calls retried for minutes.
+import mlflow.tracking.fluent  # noqa: E402, F401
+
 atexit.register(shutdown)
 os.register_at_fork(after_in_child=_after_fork_in_child)
+multiprocessing.util.register_after_fork(_after_fork_token, _register_all_mp_finalizers)

@@ -132,7 +132,7 @@ class RestTransport:
         code, message = _error_of(response.text)
         raise Refused(
             f"{code or 'HTTP ' + str(status)}: {_short(message)}",
-            splittable=code not in _WHOLE_REQUEST_CODES and status not in (401, 403, 404),
+            splittable=_splittable(code, message) and status not in (401, 403, 404),
         )
 
     def log_batch(
@@ -169,7 +169,7 @@ class StoreTransport:
             if code in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED"):
                 raise Transient(_short(exc.message)) from None
             raise Refused(
-                f"{code}: {_short(exc.message)}", splittable=code not in _WHOLE_REQUEST_CODES
+                f"{code}: {_short(exc.message)}", splittable=_splittable(code, exc.message)
             ) from None
         except OSError as exc:  # a locked sqlite file or a full disk
             raise Transient(_short(str(exc))) from None
@@ -201,6 +201,15 @@ def make_transport(tracking_uri: str, request_timeout: float) -> Transport:
     if tracking_uri.startswith(("http://", "https://")):
         return RestTransport(tracking_uri, request_timeout)
     return StoreTransport(tracking_uri)
+
+
+def _splittable(code: str, message: str) -> bool:
+    """Whether single events may be at fault, so splitting the request can save the rest.
+
+    A run that is not active (deleted) refuses every event with INVALID_PARAMETER_VALUE;
+    splitting would cost two requests per event and stall every other run's events.
+    """
+    return code not in _WHOLE_REQUEST_CODES and "must be in the 'active' state" not in message
 
 
 def _error_of(text: str) -> tuple[str, str]:

@@ -90,6 +90,7 @@ class Engine:
         self._last_error = ""
         # Counters, written by the worker thread only (dropped: under self._lock).
         self._held = 0  # taken off the queue, not yet stored or refused
+        self._barriers = 0  # flush barriers in the queue
         self._sent = self._retried = self._rejected = self._dropped = 0
         self._batches = self._in_flight = 0
 
@@ -139,7 +140,8 @@ class Engine:
         return f" (last error: {self._last_error})" if self._last_error else ""
 
     def pending(self) -> int:
-        return len(self._buf) + self._held
+        """Events accepted and not yet stored or refused (flush barriers are not events)."""
+        return len(self._buf) - self._barriers + self._held
 
     def stats(self) -> Stats:
         return Stats(
@@ -168,6 +170,7 @@ class Engine:
         """
         if self.state is State.OPEN:
             barrier = Barrier()
+            self._barriers += 1
             self.put(barrier)
             self._urgent = True
             self._wake_worker()
@@ -312,6 +315,7 @@ class Engine:
                     self._held += 1
                     self._start_job(event)
                 elif isinstance(event, Barrier):
+                    self._barriers -= 1
                     await self._settle()
                     event.future.set_result(None)
             with self._room:

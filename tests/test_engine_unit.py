@@ -1,0 +1,667 @@
+"""Fast tests of the engine's pure logic and of the worker with a fake transport.
+
+Packing (``batching.pack_meta``), the request body (``transport.encode_log_batch``), key
+checks (``events.check_key``), configuration (``config.EngineConfig``), and the worker's
+queue policies, refusal splitting, retries and ordering, none of which needs a server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+from google.protobuf import json_format
+from mlflow.protos.service_pb2 import LogBatch
+
+from asynctrack import (
+    AsyncTrackError,
+    ConfigError,
+    DeliveryError,
+    EngineClosedError,
+    FlushTimeoutError,
+    QueueFullError,
+)
+from asynctrack._engine.batching import MAX_PARAMS, MAX_TAGS, pack_meta
+from asynctrack._engine.events import MetaEvent, check_key, to_json_number
+from asynctrack._engine.transport import Refused, Transient, encode_log_batch
+from asynctrack._engine.worker import Engine
+from asynctrack.config import (
+    DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_FULL_POLICY,
+    DEFAULT_QUEUE_CAPACITY,
+    EngineConfig,
+)
+
+# ---------------------------------------------------------------------------- pack_meta
+
+
+def param(key: str, value: str, run_id: str = "r") -> MetaEvent:
+    return MetaEvent("param", run_id, key, value)
+
+
+def tag(key: str, value: str, run_id: str = "r") -> MetaEvent:
+    return MetaEvent("tag", run_id, key, value)
+
+
+def test_pack_meta_keeps_order_and_last_tag_value() -> None:
+    events = [tag("t", "1"), param("a", "x"), tag("u", "u"), tag("t", "2"), param("b", "y")]
+    (batch,) = pack_meta("r", events)
+    assert batch.run_id == "r"
+    assert list(batch.params.items()) == [("a", "x"), ("b", "y")]
+    assert batch.tags == {"u": "u", "t": "2"}
+    assert list(batch.tags) == ["u", "t"]  # re-set tags move to the end
+    assert len(batch) == 4
+
+
+def test_pack_meta_folds_repeated_equal_param() -> None:
+    (batch,) = pack_meta("r", [param("a", "1"), param("a", "1"), param("b", "2")])
+    assert batch.params == {"a": "1", "b": "2"}
+
+
+def test_pack_meta_never_puts_one_param_key_twice_in_a_batch() -> None:
+    batches = pack_meta("r", [param("a", "1"), param("b", "2"), param("a", "3")])
+    assert [b.params for b in batches] == [{"a": "1", "b": "2"}, {"a": "3"}]
+
+
+def test_pack_meta_splits_at_100_params_and_100_tags() -> None:
+    events = [param(f"p{i}", str(i)) for i in range(250)]
+    events += [tag(f"t{i}", str(i)) for i in range(250)]
+    batches = pack_meta("r", events)
+    assert all(len(b.params) <= MAX_PARAMS and len(b.tags) <= MAX_TAGS for b in batches)
+    params = [kv for b in batches for kv in b.params.items()]
+    tags = [kv for b in batches for kv in b.tags.items()]
+    assert params == [(f"p{i}", str(i)) for i in range(250)]
+    assert tags == [(f"t{i}", str(i)) for i in range(250)]
+
+
+def test_pack_meta_same_tag_never_forces_a_split() -> None:
+    events = [tag(f"t{i}", "x") for i in range(100)] + [tag("t5", f"v{i}") for i in range(300)]
+    (batch,) = pack_meta("r", events)
+    assert len(batch.tags) == 100
+    assert batch.tags["t5"] == "v299"
+
+
+def test_pack_meta_last_tag_wins_across_batches() -> None:
+    events: list[MetaEvent] = []
+    for i in range(350):
+        events += [param(f"p{i}", "v"), tag("phase", f"v{i}")]
+    batches = pack_meta("r", events)
+    assert len(batches) == 4
+    # Applied in order, the batches leave the last value.
+    final: dict[str, str] = {}
+    for b in batches:
+        final.update(b.tags)
+    assert final == {"phase": "v349"}
+
+
+def test_pack_meta_bodies_stay_under_one_megabyte() -> None:
+    # Non-ASCII text is escaped to six bytes a character in the JSON body.
+    events = [param(f"p{i}", "é" * 6000) for i in range(100)]
+    events += [tag(f"t{i}", "ж" * 8000) for i in range(100)]
+    batches = pack_meta("r", events)
+    assert len(batches) > 1
+    for b in batches:
+        params = list(b.params.items())
+        tags = list(b.tags.items())
+        assert len(encode_log_batch("r", (), params, tags)) < 1_000_000
+    assert sum(len(b) for b in batches) == 200
+
+
+def test_pack_meta_empty() -> None:
+    assert pack_meta("r", []) == []
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def _parse(body: str) -> Any:
+    message = LogBatch()
+    json_format.Parse(body, message)
+    return message
+
+
+def test_encode_log_batch_is_valid_json_mlflow_can_parse() -> None:
+    metrics = [
+        ("run-1", "loss", 0.5, 1700000000.1234, 3),
+        ("run-1", "ключ/accuracy", 2, 1700000000.9996, 4),
+        ("run-1", "big", 2**70, 1.0, 0),
+    ]
+    params = [("lr", "0.1"), ("quote", 'say "hi"\n\\')]
+    tags = [("unicode", "日本語 ✓"), ("empty", "")]
+    body = encode_log_batch("run-1", metrics, params, tags)
+    data = json.loads(body)
+    assert data["run_id"] == "run-1"
+    assert data["metrics"] == [
+        {"key": "loss", "value": 0.5, "timestamp": 1700000000123, "step": 3},
+        {"key": "ключ/accuracy", "value": 2.0, "timestamp": 1700000001000, "step": 4},
+        {"key": "big", "value": float(2**70), "timestamp": 1000, "step": 0},
+    ]
+    assert data["params"] == [{"key": k, "value": v} for k, v in params]
+    assert data["tags"] == [{"key": k, "value": v} for k, v in tags]
+    message = _parse(body)
+    assert message.run_id == "run-1"
+    assert [(m.key, m.value, m.timestamp, m.step) for m in message.metrics] == [
+        ("loss", 0.5, 1700000000123, 3),
+        ("ключ/accuracy", 2.0, 1700000001000, 4),
+        ("big", float(2**70), 1000, 0),
+    ]
+    assert [(p.key, p.value) for p in message.params] == params
+    assert [(t.key, t.value) for t in message.tags] == tags
+
+
+def test_encode_log_batch_nan_and_infinity() -> None:
+    metrics = [
+        ("r", "nan", math.nan, 1.0, 0),
+        ("r", "pos", math.inf, 1.0, 0),
+        ("r", "neg", -math.inf, 1.0, 0),
+        ("r", "negzero", -0.0, 1.0, 0),
+    ]
+    body = encode_log_batch("r", metrics, (), ())
+    data = json.loads(body)
+    assert [m["value"] for m in data["metrics"]] == ["NaN", "Infinity", "-Infinity", -0.0]
+    values = [m.value for m in _parse(body).metrics]
+    assert math.isnan(values[0])
+    assert values[1:3] == [math.inf, -math.inf]
+    assert math.copysign(1.0, values[3]) == -1.0
+
+
+def test_encode_log_batch_without_params_or_tags() -> None:
+    data = json.loads(encode_log_batch("r", [("r", "m", 1.0, 2.0, 5)], (), ()))
+    assert data == {
+        "run_id": "r",
+        "metrics": [{"key": "m", "value": 1.0, "timestamp": 2000, "step": 5}],
+    }
+    assert json.loads(encode_log_batch("r", (), [("p", "v")], ())) == {
+        "run_id": "r",
+        "metrics": [],
+        "params": [{"key": "p", "value": "v"}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(1.5, "1.5"), (3, "3.0"), (1e308, "1e+308"), (math.nan, '"NaN"'), (-math.inf, '"-Infinity"')],
+)
+def test_to_json_number(value: float, expected: str) -> None:
+    assert to_json_number(value) == expected
+
+
+# ---------------------------------------------------------------------------- check_key
+
+
+@pytest.mark.parametrize(
+    "key", ["loss", "a/b", "train loss: epoch-1.mean_x", "ключ", "k" * 250, "a.b", "x_"]
+)
+def test_check_key_accepts_mlflow_keys(key: str) -> None:
+    assert check_key(key, "metric") == key
+    assert check_key(key, "metric") == key  # second time from the cache
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("k" * 251, "251 characters"),
+        ("bad key!", "is invalid"),
+        ("a;b", "is invalid"),
+        ("../x", "would resolve"),
+        ("a/../b", "would resolve"),
+        ("/abs", "would resolve"),
+        ("a//b", "would resolve"),
+        ("a/", "would resolve"),
+        (".", "would resolve"),
+        ("", "would resolve"),
+        (5, "must be a string, got int"),
+        (None, "must be a string, got NoneType"),
+        (b"bytes", "must be a string, got bytes"),
+    ],
+)
+def test_check_key_rejects(key: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        check_key(key, "param")
+    assert str(info.value).startswith("param key")
+
+
+# ---------------------------------------------------------------------------- EngineConfig
+
+
+def test_engine_config_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("QUEUE_CAPACITY", "FLUSH_INTERVAL", "FULL_POLICY", "EXIT_TIMEOUT"):
+        monkeypatch.delenv(f"ASYNCTRACK_{name}", raising=False)
+    config = EngineConfig.resolve()
+    assert config.queue_capacity == DEFAULT_QUEUE_CAPACITY
+    assert config.flush_interval == DEFAULT_FLUSH_INTERVAL
+    assert config.full_policy == DEFAULT_FULL_POLICY == "block"
+    assert 5 <= config.exit_timeout <= 15  # "about 10 s"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"queue_capacity": 0},
+        {"queue_capacity": -5},
+        {"queue_capacity": 1.5},
+        {"queue_capacity": True},
+        {"queue_capacity": "10"},
+        {"max_in_flight": 0},
+        {"flush_interval": 0},
+        {"flush_interval": -1.0},
+        {"flush_interval": math.nan},
+        {"flush_interval": "1"},
+        {"flush_interval": True},
+        {"exit_timeout": 0},
+        {"flush_timeout": -3},
+        {"request_timeout": "5"},
+        {"full_policy": "wait"},
+        {"full_policy": "DROP"},
+    ],
+)
+def test_engine_config_rejects_invalid_values(settings: dict[str, Any]) -> None:
+    (name,) = settings
+    with pytest.raises(ConfigError, match=name) as info:
+        EngineConfig(**settings)
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, AsyncTrackError)
+
+
+def test_engine_config_accepts_valid_values() -> None:
+    config = EngineConfig(
+        queue_capacity=1, flush_interval=0.01, max_in_flight=1, exit_timeout=math.inf,
+        flush_timeout=2, request_timeout=0.5, full_policy="drop",
+    )  # fmt: skip
+    assert (config.queue_capacity, config.flush_timeout, config.full_policy) == (1, 2, "drop")
+
+
+def test_resolve_order_keyword_then_env_then_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASYNCTRACK_QUEUE_CAPACITY", " 1234 ")
+    monkeypatch.setenv("ASYNCTRACK_FLUSH_INTERVAL", "0.25")
+    monkeypatch.setenv("ASYNCTRACK_FULL_POLICY", "DROP")
+    monkeypatch.setenv("ASYNCTRACK_MAX_IN_FLIGHT", "")  # empty: ignored
+    monkeypatch.delenv("ASYNCTRACK_EXIT_TIMEOUT", raising=False)
+    config = EngineConfig.resolve(queue_capacity=99, flush_interval=None)
+    assert config.queue_capacity == 99  # keyword beats environment
+    assert config.flush_interval == 0.25  # None falls through to the environment
+    assert config.full_policy == "drop"
+    assert config.max_in_flight == EngineConfig().max_in_flight
+    assert config.exit_timeout == EngineConfig().exit_timeout
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "message"),
+    [
+        ("ASYNCTRACK_QUEUE_CAPACITY", "lots", "ASYNCTRACK_QUEUE_CAPACITY must be a number"),
+        ("ASYNCTRACK_QUEUE_CAPACITY", "1.5", "ASYNCTRACK_QUEUE_CAPACITY must be a number"),
+        ("ASYNCTRACK_QUEUE_CAPACITY", "0", "queue_capacity must be a positive integer"),
+        ("ASYNCTRACK_FLUSH_INTERVAL", "soon", "ASYNCTRACK_FLUSH_INTERVAL must be a number"),
+        ("ASYNCTRACK_EXIT_TIMEOUT", "-1", "exit_timeout must be positive"),
+        ("ASYNCTRACK_EXIT_TIMEOUT", "nan", "exit_timeout must be positive"),
+        ("ASYNCTRACK_FULL_POLICY", "sometimes", "full_policy must be one of"),
+    ],
+)
+def test_resolve_rejects_bad_environment(
+    monkeypatch: pytest.MonkeyPatch, name: str, raw: str, message: str
+) -> None:
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig.resolve()
+
+
+def test_resolve_rejects_unknown_setting() -> None:
+    with pytest.raises(ConfigError, match=r"unknown engine setting.*queue_size"):
+        EngineConfig.resolve(queue_size=10)
+
+
+# ---------------------------------------------------------------------------- worker
+
+
+class FakeTransport:
+    """Records what would be sent; can refuse keys, fail transiently, or hold requests."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls: list[tuple[str, list[Any], list[tuple[str, str]], list[tuple[str, str]]]] = []
+        self.ended: list[tuple[str, str]] = []
+        self.order: list[str] = []  # "batch:<run>" or "end:<run>", as received
+        self.refuse: dict[str, Refused] = {}  # key -> refusal for any batch holding it
+        self.refuse_runs: dict[str, Refused] = {}
+        self.transient_failures = 0
+        self.attempts: dict[str, int] = {}  # log_batch calls per run, refused ones included
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[Any],
+        params: Sequence[tuple[str, str]],
+        tags: Sequence[tuple[str, str]],
+    ) -> None:
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        with self.lock:
+            self.attempts[run_id] = self.attempts.get(run_id, 0) + 1
+            if self.transient_failures:
+                self.transient_failures -= 1
+                raise Transient("HTTP 503")
+            if run_id in self.refuse_runs:
+                raise self.refuse_runs[run_id]
+            keys = [m[1] for m in metrics] + [k for k, _ in params] + [k for k, _ in tags]
+            for key in keys:
+                if key in self.refuse:
+                    raise self.refuse[key]
+            param_keys = [k for k, _ in params]
+            assert len(param_keys) == len(set(param_keys)), "a param key twice in one call"
+            assert len(metrics) <= 1000 and len(params) <= 100 and len(tags) <= 100
+            self.calls.append((run_id, list(metrics), list(params), list(tags)))
+            self.order.append(f"batch:{run_id}")
+
+    def end_run(self, run_id: str, status: str, end_time: int) -> None:
+        with self.lock:
+            self.ended.append((run_id, status))
+            self.order.append(f"end:{run_id}")
+
+    def metrics(self, run_id: str | None = None) -> list[tuple[str, float, int]]:
+        with self.lock:
+            return [
+                (m[1], m[2], m[4])
+                for run, metrics, _, _ in self.calls
+                for m in metrics
+                if run_id is None or run == run_id
+            ]
+
+    def tags(self, run_id: str) -> dict[str, str]:
+        final: dict[str, str] = {}
+        with self.lock:
+            for run, _, _, tags in self.calls:
+                if run == run_id:
+                    final.update(tags)
+        return final
+
+
+@pytest.fixture
+def make_engine() -> Iterator[Any]:
+    engines: list[Engine] = []
+
+    def make(**settings: Any) -> tuple[Engine, FakeTransport]:
+        transport = FakeTransport()
+        settings.setdefault("flush_interval", 1000.0)  # only flush() or a full queue sends
+        engine = Engine("fake://", EngineConfig(**settings), lambda uri, timeout: transport)
+        engines.append(engine)
+        return engine, transport
+
+    yield make
+    for engine in engines:
+        engine.close(5)
+
+
+def metric(i: int, run_id: str = "r", key: str = "m") -> tuple[str, str, float, float, int]:
+    return (run_id, key, float(i), 1700000000.0 + i / 1000, i)
+
+
+def test_engine_delivers_in_batches_of_at_most_1000(make_engine: Any) -> None:
+    engine, transport = make_engine()
+    for i in range(2500):
+        engine.put(metric(i))
+    engine.flush(10)
+    assert sorted(transport.metrics()) == [("m", float(i), i) for i in range(2500)]
+    assert max(len(c[1]) for c in transport.calls) == 1000
+    stats = engine.stats()
+    assert (stats.sent, stats.queued, stats.rejected, stats.in_flight) == (2500, 0, 0, 0)
+    assert stats.batches_sent == len(transport.calls) >= 3
+
+
+def test_full_policy_raise(make_engine: Any) -> None:
+    engine, transport = make_engine(queue_capacity=5, full_policy="raise")
+    for i in range(5):
+        engine.put(metric(i))
+    with pytest.raises(QueueFullError, match=r"queue full \(5 events\)") as info:
+        engine.put(metric(5))
+    assert isinstance(info.value, BufferError)
+    engine.flush(10)
+    assert transport.metrics() == [("m", float(i), i) for i in range(5)]
+    assert engine.stats().dropped == 0
+
+
+def test_full_policy_drop_counts_what_it_drops(make_engine: Any) -> None:
+    engine, transport = make_engine(queue_capacity=5, full_policy="drop")
+    for i in range(8):
+        engine.put(metric(i))  # never raises
+    assert engine.stats().dropped == 3
+    engine.flush(10)
+    assert transport.metrics() == [("m", float(i), i) for i in range(5)]
+    stats = engine.stats()
+    assert (stats.sent, stats.dropped, stats.queued) == (5, 3, 0)
+
+
+def test_full_policy_block_waits_for_room(make_engine: Any) -> None:
+    engine, transport = make_engine(queue_capacity=5)
+    for i in range(200):
+        engine.put(metric(i))  # a full queue wakes the worker, which makes room
+    engine.flush(10)
+    assert sorted(transport.metrics()) == [("m", float(i), i) for i in range(200)]
+    assert engine.stats().dropped == 0
+
+
+def test_full_policy_block_gives_up_at_the_deadline(make_engine: Any) -> None:
+    engine, transport = make_engine(queue_capacity=2, max_in_flight=1, flush_timeout=0.3)
+    transport.gate.clear()
+    engine.put(metric(0, run_id="a"))
+    engine.put(metric(0, run_id="b"))
+    flusher = threading.Thread(target=engine.flush, args=(30,))
+    flusher.start()
+    # The worker now waits for "a"'s request (held) before it can send "b"'s batch.
+    assert transport.entered.wait(10)
+    assert engine.stats().in_flight == 1
+    engine.put(metric(1, run_id="c"))
+    engine.put(metric(2, run_id="c"))
+    with pytest.raises(QueueFullError, match="queue full"):
+        engine.put(metric(3, run_id="c"))
+    transport.gate.set()
+    flusher.join(30)
+    engine.flush(10)
+    assert transport.metrics("c") == [("m", 1.0, 1), ("m", 2.0, 2)]
+    assert len(transport.metrics()) == 4
+
+
+def test_flush_timeout_keeps_events_queued(make_engine: Any) -> None:
+    engine, transport = make_engine()
+    transport.gate.clear()
+    for i in range(10):
+        engine.put(metric(i))
+    with pytest.raises(FlushTimeoutError, match="10 event") as info:
+        engine.flush(0.2)
+    assert isinstance(info.value, TimeoutError)
+    assert info.value.pending == 10
+    transport.gate.set()
+    engine.flush(10)
+    assert len(transport.metrics()) == 10
+    assert engine.stats().queued == 0
+
+
+def test_refused_event_is_isolated_and_the_rest_delivered(make_engine: Any) -> None:
+    engine, transport = make_engine()
+    transport.refuse["bad"] = Refused("INVALID_PARAMETER_VALUE: nope", splittable=True)
+    for i in range(100):
+        engine.put(metric(i, key="bad" if i == 37 else "good"))
+    engine.put(MetaEvent("param", "r", "p_ok", "1"))
+    engine.put(MetaEvent("param", "r", "bad", "2"))
+    engine.put(MetaEvent("tag", "r", "t_ok", "3"))
+    with pytest.raises(DeliveryError) as info:
+        engine.flush(10)
+    rejections = sorted((r.run_id, r.kind, r.key, r.reason) for r in info.value.rejections)
+    assert rejections == [
+        ("r", "metric", "bad", "INVALID_PARAMETER_VALUE: nope"),
+        ("r", "param", "bad", "INVALID_PARAMETER_VALUE: nope"),
+    ]
+    good = transport.metrics()
+    assert sorted(good) == [("good", float(i), i) for i in range(100) if i != 37]
+    stored_params = [kv for c in transport.calls for kv in c[2]]
+    assert stored_params == [("p_ok", "1")]
+    assert transport.tags("r") == {"t_ok": "3"}
+    stats = engine.stats()
+    assert (stats.sent, stats.rejected, stats.queued) == (101, 2, 0)
+    engine.flush(10)  # reported once
+
+
+def test_whole_request_refusal_is_not_split(make_engine: Any) -> None:
+    engine, transport = make_engine()
+    transport.refuse_runs["gone"] = Refused("RESOURCE_DOES_NOT_EXIST: no run", splittable=False)
+    for i in range(50):
+        engine.put(metric(i, run_id="gone"))
+        engine.put(metric(i, run_id="ok"))
+    with pytest.raises(DeliveryError) as info:
+        engine.flush(10)
+    assert len(info.value.rejections) == 50
+    assert {r.run_id for r in info.value.rejections} == {"gone"}
+    assert transport.attempts["gone"] == 1  # splitting could not help, so it was not tried
+    assert len(transport.metrics("ok")) == 50
+
+
+def test_transient_failures_are_retried(make_engine: Any) -> None:
+    engine, transport = make_engine()
+    transport.transient_failures = 2
+    for i in range(10):
+        engine.put(metric(i))
+    engine.flush(30)
+    assert transport.metrics() == [("m", float(i), i) for i in range(10)]
+    stats = engine.stats()
+    assert stats.retried == 20  # ten events, re-sent twice
+    assert (stats.sent, stats.rejected) == (10, 0)
+
+
+def test_run_end_sends_the_runs_events_first(make_engine: Any) -> None:
+    engine, transport = make_engine()
+    for i in range(1500):
+        engine.put(metric(i, run_id="a"))
+    engine.put(MetaEvent("tag", "a", "t", "last"))
+    engine.end_run("a", "FINISHED", timeout=10)
+    assert transport.ended == [("a", "FINISHED")]
+    assert transport.order[-1] == "end:a"
+    assert len(transport.metrics("a")) == 1500
+    assert transport.tags("a") == {"t": "last"}
+
+
+def test_run_end_reports_only_that_runs_refusals(make_engine: Any) -> None:
+    engine, transport = make_engine()
+    transport.refuse["bad_a"] = Refused("no a", splittable=True)
+    transport.refuse["bad_b"] = Refused("no b", splittable=True)
+    engine.put(metric(0, run_id="a", key="bad_a"))
+    engine.put(metric(0, run_id="b", key="bad_b"))
+    with pytest.raises(DeliveryError) as info:
+        engine.end_run("a", "FINISHED", timeout=10)
+    assert [(r.run_id, r.key) for r in info.value.rejections] == [("a", "bad_a")]
+    with pytest.raises(DeliveryError) as later:
+        engine.flush(10)
+    assert [(r.run_id, r.key) for r in later.value.rejections] == [("b", "bad_b")]
+
+
+def test_tags_of_one_run_land_in_order(make_engine: Any) -> None:
+    engine, transport = make_engine(max_in_flight=4)
+    for i in range(400):
+        engine.put(MetaEvent("param", "r", f"p{i}", "v"))  # forces several batches
+        engine.put(MetaEvent("tag", "r", "phase", f"v{i}"))
+    engine.flush(10)
+    assert transport.tags("r") == {"phase": "v399"}
+    assert len([kv for c in transport.calls for kv in c[2]]) == 400
+
+
+def test_closed_engine_refuses_new_events(make_engine: Any) -> None:
+    engine, transport = make_engine()
+    for i in range(3):
+        engine.put(metric(i))
+    assert engine.close(5) == 0
+    assert len(transport.metrics()) == 3
+    with pytest.raises(EngineClosedError):
+        engine.put(metric(3))
+
+
+def test_close_reports_what_is_left(make_engine: Any) -> None:
+    engine, transport = make_engine()
+    transport.gate.clear()
+    for i in range(7):
+        engine.put(metric(i))
+    assert engine.close(0.2) == 7
+    transport.gate.set()
+
+
+# ---------------------------------------------------------------------------- exit report
+
+
+def test_exit_reports_how_many_events_were_not_stored(
+    make_engine: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asynctrack._engine import runtime
+
+    engine, transport = make_engine(exit_timeout=0.3)
+    transport.gate.clear()
+    for i in range(7):
+        engine.put(metric(i))
+    monkeypatch.setattr(runtime, "_engines", {"fake://": engine})
+    runtime.shutdown()
+    transport.gate.set()
+    err = capsys.readouterr().err
+    assert "asynctrack: 7 event(s) could not be stored at fake://" in err
+    with pytest.raises(EngineClosedError):
+        engine.put(metric(8))
+
+
+def test_exit_report_names_the_configured_deadline(
+    make_engine: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asynctrack._engine import runtime
+
+    engine, transport = make_engine(exit_timeout=0.3)
+    transport.gate.clear()
+    engine.put(metric(0))
+    monkeypatch.setattr(runtime, "_engines", {"fake://": engine})
+    runtime.shutdown()
+    transport.gate.set()
+    assert "before the 0.3 s exit deadline" in capsys.readouterr().err
+
+
+SECRET_URI = "http://alice:s3cret-pw@127.0.0.1:1"
+
+
+def _engine_at(uri: str, **settings: Any) -> tuple[Engine, FakeTransport]:
+    transport = FakeTransport()
+    settings.setdefault("flush_interval", 1000.0)
+    engine = Engine(uri, EngineConfig(**settings), lambda uri, timeout: transport)
+    return engine, transport
+
+
+def test_exit_report_hides_credentials(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asynctrack._engine import runtime
+
+    engine, transport = _engine_at(SECRET_URI, exit_timeout=0.2)
+    transport.gate.clear()
+    engine.put(metric(0))
+    monkeypatch.setattr(runtime, "_engines", {SECRET_URI: engine})
+    runtime.shutdown()
+    transport.gate.set()
+    err = capsys.readouterr().err
+    assert "1 event(s) could not be stored at http://***@127.0.0.1:1" in err
+    assert "s3cret" not in err
+
+
+def test_error_messages_hide_credentials() -> None:
+    engine, transport = _engine_at(SECRET_URI, queue_capacity=1, full_policy="raise")
+    transport.gate.clear()
+    try:
+        engine.put(metric(0))
+        with pytest.raises(QueueFullError) as full:
+            engine.put(metric(1))
+        with pytest.raises(FlushTimeoutError) as timeout:
+            engine.flush(0.1)
+    finally:
+        transport.gate.set()
+        engine.close(5)
+    assert "s3cret" not in str(full.value)
+    assert "s3cret" not in str(timeout.value)
+    assert "s3cret" not in repr(engine)
+    assert "http://***@127.0.0.1:1" in str(timeout.value)

@@ -13,7 +13,20 @@ from asynctrack import config
 _FORMATS = click.Choice(["table", "csv", "json"])
 
 
-@click.group()
+class _Group(click.Group):
+    """Reports a missing experiment, run, metric or model as an error message, not a
+    traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LookupError as exc:
+            if type(exc) is not LookupError:  # KeyError, IndexError: bugs keep their traceback
+                raise
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group)
 @click.option(
     "--tracking-uri",
     envvar="MLFLOW_TRACKING_URI",

@@ -29,7 +29,12 @@ def plot_metric(experiment: str, metric: str, output: Path, run_name: str | None
     else:
         table = utils.compare_runs(experiment, [metric], top_n=10_000)
         table = table.dropna(subset=[f"metric_{metric}"]).iloc[::-1]
-        labels = [str(n or i)[:40] for n, i in zip(table["run_name"], table["run_id"], strict=True)]
+        names = [str(n or i)[:40] for n, i in zip(table["run_name"], table["run_id"], strict=True)]
+        repeated = {n for n in names if names.count(n) > 1}  # one bar each, not one per name
+        labels = [
+            f"{n} ({i[:8]})" if n in repeated else n
+            for n, i in zip(names, table["run_id"], strict=True)
+        ]
         ax.barh(labels, table[f"metric_{metric}"])
         ax.set_xlabel(metric)
         ax.set_title(f"{metric} across runs of {experiment}")

@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 _PAGE = 1000
+_STAGE_ALIASES = {"staging", "production", "archived"}
 
 
 def _client() -> MlflowClient:
@@ -78,11 +79,17 @@ def _ranked(
 ) -> list[MlflowRun]:
     """Runs that have ``metric``, best first; ties go to the most recent run."""
     runs = list(_runs(client, _experiment_id(client, experiment_name)))
+    with_metric = _rank(runs, metric, ascending)
+    if not with_metric:
+        raise LookupError(f"no run of experiment {experiment_name!r} has metric {metric!r}")
+    return with_metric
+
+
+def _rank(runs: list[MlflowRun], metric: str, ascending: bool) -> list[MlflowRun]:
+    """The runs with a (non-NaN) ``metric``, best first; ties go to the most recent run."""
     with_metric = [
         r for r in runs if metric in r.data.metrics and not math.isnan(r.data.metrics[metric])
     ]
-    if not with_metric:
-        raise LookupError(f"no run of experiment {experiment_name!r} has metric {metric!r}")
     with_metric.sort(key=lambda r: -r.info.start_time)
     with_metric.sort(key=lambda r: r.data.metrics[metric], reverse=not ascending)
     return with_metric
@@ -99,14 +106,18 @@ def get_best_run(
 def get_run_by_name(experiment_name: str, run_name: str) -> dict[str, Any] | None:
     """The most recent run called ``run_name``, or None."""
     client = _client()
-    quoted = run_name.replace("'", "\\'")
+    # MLflow's filter grammar has no escapes: quote with a character the name lacks (a name
+    # with both quotes is matched here instead of on the server).
+    quote = next((q for q in ("'", '"') if q not in run_name), None)
+    filter_string = f"attributes.run_name = {quote}{run_name}{quote}" if quote else ""
     for run in _runs(
         client,
         _experiment_id(client, experiment_name),
         order_by=["attributes.start_time DESC"],
-        filter_string=f"attributes.run_name = '{quoted}'",
+        filter_string=filter_string,
     ):
-        return _as_dict(run)
+        if run.info.run_name == run_name:
+            return _as_dict(run)
     return None
 
 
@@ -221,16 +232,17 @@ def delete_experiment_runs(
 ) -> list[dict[str, Any]]:
     """Delete all but the ``keep_top_n`` best runs (MLflow's restorable "deleted" stage).
 
-    Runs without the metric go first; runs still RUNNING are never deleted. Returns the runs
-    deleted, or that would be with ``dry_run=True``.
+    Runs without the metric (or with NaN) go first; runs still RUNNING are never deleted.
+    Returns the runs deleted, or that would be with ``dry_run=True``. A metric no run has
+    raises LookupError.
     """
     if keep_top_n < 0:
         raise ValueError(f"keep_top_n must be >= 0, got {keep_top_n}")
     client = _client()
     runs = list(_runs(client, _experiment_id(client, experiment_name)))
-    ranked = [r for r in runs if metric in r.data.metrics]
-    ranked.sort(key=lambda r: -r.info.start_time)
-    ranked.sort(key=lambda r: r.data.metrics[metric], reverse=not ascending)
+    ranked = _rank(runs, metric, ascending)
+    if runs and not ranked:  # a misspelt metric must not doom every run
+        raise LookupError(f"no run of experiment {experiment_name!r} has metric {metric!r}")
     kept = {r.info.run_id for r in ranked[:keep_top_n]}
     doomed = [r for r in runs if r.info.run_id not in kept and r.info.status != "RUNNING"]
     if not dry_run:
@@ -298,8 +310,8 @@ def transition_model_stage(
     """Move a version to ``stage`` (Staging, Production, Archived, None).
 
     Stages are deprecated in MLflow 3, so the version also gets the alias named after the
-    stage in lower case (``models:/name@production``); MLflow's deprecation warning is
-    silenced. Returns the updated ModelVersion.
+    stage in lower case (``models:/name@production``), and loses the alias of the stage it
+    left; MLflow's deprecation warning is silenced. Returns the updated ModelVersion.
     """
     from mlflow.exceptions import MlflowException
 
@@ -310,11 +322,18 @@ def transition_model_stage(
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         raise LookupError(f"model {model_name!r} has no version {version}") from None
+    # MLflow refuses (500, retried for minutes) archive_existing into Archived or None.
+    archive = archive_existing and stage.lower() in ("staging", "production")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         updated = client.transition_model_version_stage(
-            model_name, str(version), stage, archive_existing_versions=archive_existing
+            model_name, str(version), stage, archive_existing_versions=archive
         )
+    # The version left its old stage: the aliases of the other stages no longer name it.
+    aliases = client.get_registered_model(model_name).aliases or {}
+    for alias in _STAGE_ALIASES - {stage.lower()}:
+        if str(aliases.get(alias)) == str(version):
+            client.delete_registered_model_alias(model_name, alias)
     if stage.lower() != "none":
         client.set_registered_model_alias(model_name, stage.lower(), str(version))
     return updated

@@ -1,0 +1,342 @@
+"""The ``asynctrack`` command against the real test server: ``runs compare|best|summary``,
+``models list`` and ``plot``, through click's runner and as a subprocess."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from mlflow import MlflowClient
+from sklearn.datasets import load_diabetes
+from sklearn.linear_model import LinearRegression
+
+from asynctrack import MLflowExperimentTracker, register_best_model, transition_model_stage
+from asynctrack.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_tracking_uri() -> Iterator[None]:
+    """``asynctrack --tracking-uri`` (or MLFLOW_TRACKING_URI) sets MLflow's process-wide
+    URI; put it back so later tests resolve theirs as before."""
+    from mlflow.tracking._tracking_service import utils
+
+    before = utils._tracking_uri
+    yield
+    utils._tracking_uri = before
+
+
+@pytest.fixture
+def runs(client: MlflowClient, tracker: MLflowExperimentTracker) -> dict[str, str]:
+    """Three finished runs: beta (best r2), curve (a loss curve over 10 steps), alpha."""
+    ids = {}
+    for name, r2, rmse, depth in (("alpha", 0.5, 3.0, 3), ("beta", 0.8, 2.0, 5)):
+        with tracker.start_run(run_name=name):
+            tracker.log_params({"max_depth": depth})
+            tracker.log_metrics({"r2_score": r2, "rmse": rmse})
+        ids[name] = str(tracker.run_id)
+    with tracker.start_run(run_name="curve"):
+        tracker.log_params({"max_depth": 7})
+        for step in range(10):
+            tracker.log_metric("loss", 1.0 / (step + 1), step=step)
+        tracker.log_metrics({"r2_score": 0.6, "rmse": 2.5})
+    ids["curve"] = str(tracker.run_id)
+    return ids
+
+
+def invoke(*args: str) -> Result:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def test_runs_compare_table_csv_json(experiment_name: str, runs: dict[str, str]) -> None:
+    table = invoke("runs", "compare", experiment_name).stdout
+    lines = table.splitlines()
+    header = lines[0].split()
+    for column in ("run_id", "run_name", "status", "metric_r2_score", "param_max_depth"):
+        assert column in header
+    assert [line.split()[1] for line in lines[1:]] == ["beta", "curve", "alpha"]
+
+    rows = list(
+        csv.DictReader(
+            io.StringIO(invoke("runs", "compare", experiment_name, "--format", "csv").stdout)
+        )
+    )
+    assert [r["run_name"] for r in rows] == ["beta", "curve", "alpha"]
+    assert [r["run_id"] for r in rows] == [runs["beta"], runs["curve"], runs["alpha"]]
+    assert [float(r["metric_r2_score"]) for r in rows] == [0.8, 0.6, 0.5]
+    assert [r["param_max_depth"] for r in rows] == ["5", "7", "3"]
+    assert {r["status"] for r in rows} == {"FINISHED"}
+
+    records = json.loads(
+        invoke(
+            "runs",
+            "compare",
+            experiment_name,
+            "--metric",
+            "rmse",
+            "--top-n",
+            "2",
+            "--format",
+            "json",
+        ).stdout
+    )
+    assert [r["run_name"] for r in records] == ["alpha", "curve"]  # by rmse, highest first
+    assert [r["metric_rmse"] for r in records] == [3.0, 2.5]
+    assert {k for k in records[0] if k.startswith("metric_")} == {"metric_rmse"}
+    assert records[0]["start_time"].startswith("20")  # ISO dates
+
+
+def test_runs_best_table_csv_json(experiment_name: str, runs: dict[str, str]) -> None:
+    best = json.loads(invoke("runs", "best", experiment_name, "--format", "json").stdout)
+    assert best["run_id"] == runs["beta"] and best["run_name"] == "beta"
+    assert best["metrics"] == {"r2_score": 0.8, "rmse": 2.0}
+    assert best["params"] == {"max_depth": "5"}
+    assert best["status"] == "FINISHED"
+
+    rows = dict(
+        csv.reader(
+            io.StringIO(
+                invoke(
+                    "runs",
+                    "best",
+                    experiment_name,
+                    "--metric",
+                    "rmse",
+                    "--ascending",
+                    "--format",
+                    "csv",
+                ).stdout
+            )
+        )
+    )
+    assert rows["key"] == "value"
+    assert rows["run_id"] == runs["beta"]
+    assert float(rows["metrics.rmse"]) == 2.0
+
+    table = invoke("runs", "best", experiment_name, "--metric", "loss").stdout
+    fields = dict(line.split(None, 1) for line in table.splitlines())
+    assert fields["run_name"] == "curve" and fields["run_id"] == runs["curve"]
+    assert float(fields["metrics.loss"]) == 0.1  # the last value of the curve
+
+
+def test_runs_summary_table_csv_json(experiment_name: str, runs: dict[str, str]) -> None:
+    summary = json.loads(invoke("runs", "summary", experiment_name, "--format", "json").stdout)
+    assert summary["total_runs"] == summary["finished_runs"] == 3
+    assert summary["failed_runs"] == 0
+    assert summary["best_r2"] == 0.8 and summary["best_rmse"] == 2.0
+    assert summary["avg_r2"] == pytest.approx((0.5 + 0.8 + 0.6) / 3)
+    assert summary["metrics"]["loss"] == {"count": 1, "min": 0.1, "max": 0.1, "mean": 0.1}
+
+    rows = dict(
+        csv.reader(
+            io.StringIO(invoke("runs", "summary", experiment_name, "--format", "csv").stdout)
+        )
+    )
+    assert rows["total_runs"] == "3"
+    assert float(rows["metrics.rmse.max"]) == 3.0
+
+    table = invoke("runs", "summary", experiment_name).stdout
+    fields = dict(line.split(None, 1) for line in table.splitlines())
+    assert fields["finished_runs"] == "3"
+    assert float(fields["metrics.r2_score.min"]) == 0.5
+
+
+def test_models_list(client: MlflowClient, experiment_name: str) -> None:
+    X, y = load_diabetes(return_X_y=True, as_frame=True)
+    tracker = MLflowExperimentTracker(experiment_name=experiment_name)
+    with tracker.start_run(run_name="linear"):
+        model = LinearRegression().fit(X, y)
+        tracker.log_metric("r2_score", float(model.score(X, y)))
+        tracker.log_model(model, name="model", pip_requirements=["scikit-learn"])
+    name = f"{experiment_name}-registered"
+    version = register_best_model(experiment_name, name)
+    transition_model_stage(name, version, "Production")
+
+    records = json.loads(invoke("models", "list", "--format", "json").stdout)
+    mine = [r for r in records if r["name"] == name]
+    assert mine == [
+        {
+            "name": name,
+            "latest_version": "1",
+            "latest_stage": "Production",
+            "aliases": {"production": "1"},
+        }
+    ]
+
+    rows = list(csv.DictReader(io.StringIO(invoke("models", "list", "--format", "csv").stdout)))
+    assert list(rows[0]) == ["name", "latest_version", "latest_stage", "aliases"]
+    row = next(r for r in rows if r["name"] == name)
+    assert row["latest_version"] == "1" and row["latest_stage"] == "Production"
+
+    table = invoke("models", "list").stdout
+    assert table.splitlines()[0].split() == ["name", "latest_version", "latest_stage", "aliases"]
+    assert any(line.split()[:3] == [name, "1", "Production"] for line in table.splitlines())
+
+
+def test_plot_across_runs_and_along_steps(
+    experiment_name: str,
+    runs: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    across = tmp_path / "across.png"
+    out = invoke("plot", experiment_name, "--metric", "r2_score", "--output", str(across))
+    assert str(across) in out.stdout
+    assert across.read_bytes().startswith(PNG_MAGIC)
+
+    steps = tmp_path / "sub" / "steps.png"
+    invoke("plot", experiment_name, "--metric", "loss", "--run", "curve", "--output", str(steps))
+    assert steps.read_bytes().startswith(PNG_MAGIC)
+
+    monkeypatch.chdir(tmp_path)  # the default output: <experiment>-<metric>.png here
+    invoke("plot", experiment_name, "--metric", "rmse")
+    assert (tmp_path / f"{experiment_name}-rmse.png").read_bytes().startswith(PNG_MAGIC)
+
+    import matplotlib.image
+
+    height, width, _ = matplotlib.image.imread(str(across)).shape
+    assert width > 300 and height > 200
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["runs", "best", "{ghost}"], "{ghost}"),
+        (["runs", "compare", "{ghost}"], "{ghost}"),
+        (["runs", "summary", "{ghost}"], "{ghost}"),
+        (["runs", "best", "{exp}", "--metric", "accuracy"], "accuracy"),
+        (["plot", "{exp}", "--metric", "accuracy", "--output", "{tmp}/x.png"], "accuracy"),
+        (
+            ["plot", "{exp}", "--metric", "loss", "--run", "nobody", "--output", "{tmp}/x.png"],
+            "nobody",
+        ),
+        (
+            ["plot", "{exp}", "--metric", "accuracy", "--run", "curve", "--output", "{tmp}/x.png"],
+            "accuracy",
+        ),
+    ],
+)
+def test_errors_name_what_is_missing(
+    experiment_name: str, runs: dict[str, str], tmp_path: Path, args: list[str], named: str
+) -> None:
+    subs = {"ghost": f"{experiment_name}-ghost", "exp": experiment_name, "tmp": str(tmp_path)}
+    result = CliRunner().invoke(main, [a.format(**subs) for a in args])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)  # a message, not a traceback
+    assert named.format(**subs) in result.output
+    assert result.output.startswith("Error:")
+    assert not (tmp_path / "x.png").exists()
+
+
+def _env(**changes: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def _run(command: list[str], env: dict[str, str], cwd: Path) -> Any:
+    done = subprocess.run(
+        command, env=env, cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_as_a_subprocess(
+    experiment_name: str, runs: dict[str, str], mlflow_tracking_uri: str, tmp_path: Path
+) -> None:
+    """``python -m asynctrack.cli`` with --tracking-uri and no MLFLOW_TRACKING_URI; then the
+    installed ``asynctrack`` console script with the environment variable."""
+    done = _run(
+        [
+            sys.executable,
+            "-m",
+            "asynctrack.cli",
+            "--tracking-uri",
+            mlflow_tracking_uri,
+            "runs",
+            "compare",
+            experiment_name,
+            "--format",
+            "json",
+        ],
+        _env(MLFLOW_TRACKING_URI=None),
+        tmp_path,
+    )
+    records = json.loads(done.stdout)
+    assert [r["run_id"] for r in records] == [runs["beta"], runs["curve"], runs["alpha"]]
+
+    beside = Path(sys.executable).parent / "asynctrack"
+    script = str(beside) if beside.exists() else shutil.which("asynctrack")
+    assert script, "the asynctrack console script is not installed"
+    done = _run(
+        [script, "plot", experiment_name, "--metric", "loss", "--run", "curve"],
+        _env(MLFLOW_TRACKING_URI=mlflow_tracking_uri),
+        tmp_path,
+    )
+    png = tmp_path / f"{experiment_name}-loss.png"
+    assert f"wrote {png.name}" in done.stdout
+    assert png.read_bytes().startswith(PNG_MAGIC)
+
+    failed = subprocess.run(
+        [script, "runs", "best", f"{experiment_name}-ghost"],
+        env=_env(MLFLOW_TRACKING_URI=mlflow_tracking_uri),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert failed.returncode == 1
+    assert f"{experiment_name}-ghost" in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+
+def test_plot_shows_one_bar_per_run_even_when_names_repeat(
+    client: MlflowClient,
+    tracker: MLflowExperimentTracker,
+    experiment_name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    values = [0.3, 0.6, 0.5]
+    for value in values:  # the same script run three times: three runs of the same name
+        with tracker.start_run(run_name="rf-optimized"):
+            tracker.log_metric("r2_score", value)
+    from matplotlib.figure import Figure
+
+    figures: list[Figure] = []
+    savefig = Figure.savefig
+
+    def keep(self: Figure, *args: Any, **kwargs: Any) -> None:
+        figures.append(self)
+        savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    out = tmp_path / "bars.png"
+    invoke("plot", experiment_name, "--metric", "r2_score", "--output", str(out))
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    (ax,) = figures[0].axes
+    bars = ax.patches
+    assert sorted(b.get_width() for b in bars) == sorted(values)
+    assert len({b.get_y() for b in bars}) == 3  # three rows, none drawn over another
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(set(labels)) == 3 and all(lbl.startswith("rf-optimized") for lbl in labels)

@@ -1,0 +1,154 @@
+"""``asynctrack demo``: end to end on the embedded store of a fresh directory (no tracking
+URI anywhere), then once against the test server with ``--tracking-uri``."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from asynctrack.cli import main
+
+PARENT = "mlflow.parentRunId"
+EXPERIMENT = "boston-housing"  # the seed's default experiment name
+
+
+class Demo(NamedTuple):
+    cwd: Path
+    store: Path
+    stdout: str
+    stderr: str
+    returncode: int
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+    """One run of ``asynctrack demo --store-dir <tmp>/store`` from another directory, with
+    no MLflow configuration in the environment."""
+    cwd = tmp_path_factory.mktemp("demo")
+    store = cwd / "store"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        beside = Path(sys.executable).parent / "asynctrack"
+        command = [str(beside)] if beside.exists() else [sys.executable, "-m", "asynctrack.cli"]
+        done = subprocess.run(
+            [*command, "demo", "--store-dir", str(store)],
+            cwd=cwd,
+            env=dict(os.environ),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    yield Demo(cwd, store, done.stdout, done.stderr, done.returncode)
+
+
+@pytest.fixture(scope="module")
+def store_runs(demo: Demo) -> dict[str, Run]:
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{demo.store / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None, f"no experiment {EXPERIMENT!r} in the demo's store"
+    runs = list(client.search_runs([experiment.experiment_id], max_results=1000))
+    by_name = {r.info.run_name: r for r in runs}
+    assert len(by_name) == len(runs), "run names repeat"
+    return by_name
+
+
+def test_demo_exits_cleanly_and_prints_the_ui_command(demo: Demo) -> None:
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    db = demo.store / "mlflow.db"
+    assert db.is_file() and db.stat().st_size > 0
+    uri = f"sqlite:///{db.resolve()}"
+    assert f"Tracking to {uri}" in demo.stdout
+    assert f"mlflow ui --backend-store-uri {uri}" in demo.stdout
+    for step in ("1/3", "2/3", "3/3"):  # progress while it works
+        assert step in demo.stdout
+
+
+def test_demo_store_holds_what_it_claims(demo: Demo, store_runs: dict[str, Run]) -> None:
+    claimed = re.search(r"(\d+) runs in experiment '([^']+)'; (\d+) events stored", demo.stdout)
+    assert claimed, demo.stdout
+    assert claimed.group(2) == EXPERIMENT
+    assert int(claimed.group(1)) == len(store_runs) == 8
+    assert int(claimed.group(3)) > 0
+    assert {r.info.status for r in store_runs.values()} == {"FINISHED"}
+
+    rf = store_runs["rf-optimized"]
+    assert rf.data.params == {"n_estimators": "100", "max_depth": "15", "min_samples_split": "5"}
+    assert {"model_type": "RandomForest", "stage": "optimization"}.items() <= rf.data.tags.items()
+    assert set(rf.data.metrics) == {"r2_score", "rmse"}
+    assert 0 < rf.data.metrics["r2_score"] < 1 and rf.data.metrics["rmse"] > 0
+
+    gb = store_runs["gb-experiment"]
+    assert gb.data.params == {"n_estimators": "150", "max_depth": "3", "learning_rate": "0.05"}
+    assert {"r2_score", "rmse"} <= set(gb.data.metrics)
+    assert 0 < gb.data.metrics["r2_score"] < 1
+
+    cv = store_runs["rf-cv"]
+    assert cv.data.params == {"model": "RandomForest", "cv_folds": "5"}
+    folds = {n: r for n, r in store_runs.items() if r.data.tags.get(PARENT) == cv.info.run_id}
+    assert sorted(folds) == [f"fold-{i}" for i in range(5)]
+    scores = [folds[f"fold-{i}"].data.metrics["fold_score"] for i in range(5)]
+    mean = sum(scores) / 5
+    std = (sum((s - mean) ** 2 for s in scores) / 5) ** 0.5
+    assert cv.data.metrics["mean_cv_score"] == pytest.approx(mean)
+    assert cv.data.metrics["std_cv_score"] == pytest.approx(std)
+    for name in ("rf-optimized", "gb-experiment", "rf-cv"):
+        assert PARENT not in store_runs[name].data.tags
+
+
+def test_demo_keeps_its_artifacts_in_the_store_dir(demo: Demo, store_runs: dict[str, Run]) -> None:
+    """The embedded store is the sqlite database *and* a local artifact folder in the
+    directory the demo names; nothing lands in the directory it was started from."""
+    store = demo.store.resolve()
+    for run in store_runs.values():
+        location = run.info.artifact_uri.removeprefix("file://")
+        assert Path(location).resolve().is_relative_to(store), run.info.artifact_uri
+    assert [p.name for p in demo.cwd.iterdir()] == ["store"]
+
+
+def test_demo_against_a_server(
+    client: MlflowClient, experiment_name: str, mlflow_tracking_uri: str, tmp_path: Path
+) -> None:
+    """``--tracking-uri`` wins over the embedded store: the runs land on the server and no
+    store directory is made."""
+    from mlflow.tracking._tracking_service import utils
+
+    before = utils._tracking_uri
+    try:
+        result = CliRunner().invoke(
+            main,
+            [
+                "--tracking-uri",
+                mlflow_tracking_uri,
+                "demo",
+                "--experiment",
+                experiment_name,
+                "--store-dir",
+                str(tmp_path / "unused"),
+            ],
+        )
+    finally:
+        utils._tracking_uri = before
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert f"Tracking to {mlflow_tracking_uri}" in result.stdout
+    assert "mlflow ui" not in result.stdout
+    assert not (tmp_path / "unused").exists()
+    experiment = client.get_experiment_by_name(experiment_name)
+    assert experiment is not None
+    names = sorted(r.info.run_name for r in client.search_runs([experiment.experiment_id]))
+    assert names == sorted(
+        ["rf-optimized", "gb-experiment", "rf-cv", *(f"fold-{i}" for i in range(5))]
+    )

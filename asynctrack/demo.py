@@ -1,7 +1,10 @@
 """``asynctrack demo``: the seed's pipeline on scikit-learn's diabetes data.
 
-With no tracking URI configured it writes to an embedded local store (a SQLite database and
-an artifact folder in one directory), so it runs on a fresh machine with no server.
+With no tracking URI configured it writes to an embedded local store, a SQLite database and
+an artifact folder in one directory, so it runs on a fresh machine with no server. Steps: a
+random forest through the tracker, gradient boosting through the decorators, a 5-fold
+cross-validation and the 3x3 grid search with nested runs, residual plots and the grid as
+artifacts, and the best model logged, registered and moved to Production.
 """
 
 from __future__ import annotations
@@ -16,21 +19,49 @@ import numpy as np
 from asynctrack import (
     MLflowExperimentTracker,
     NestedRunTracker,
+    compare_runs,
     flush,
+    get_experiment_summary,
     log_params_decorator,
     mlflow_run,
+    register_best_model,
     stats,
+    transition_model_stage,
 )
+
+GRID = {"n_estimators": [100, 200, 300], "max_depth": [5, 10, 15]}
 
 
 def local_store(directory: Path) -> str:
-    """Point MLflow at an embedded SQLite store in ``directory``; return its URI."""
-    import mlflow
-
+    """An embedded SQLite store in ``directory``; return its tracking URI."""
     directory.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{directory.resolve() / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    return uri
+    return f"sqlite:///{directory.resolve() / 'mlflow.db'}"
+
+
+def _experiment(name: str, artifacts: Path | None) -> None:
+    """Create the experiment; on the local store its artifacts live beside the database."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if client.get_experiment_by_name(name) is None:
+        location = artifacts.resolve().as_uri() if artifacts is not None else None
+        client.create_experiment(name, artifact_location=location)
+
+
+def _residual_plot(y_true: Any, y_pred: Any, title: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(y_pred, y_true - y_pred, s=12, alpha=0.7)
+    ax.axhline(0, color="grey", lw=1)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("residual")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
 
 
 def run_demo(
@@ -39,15 +70,19 @@ def run_demo(
     store_dir: Path,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
+    import matplotlib.pyplot as plt
     import mlflow
     from sklearn.datasets import load_diabetes
     from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
-    from sklearn.metrics import mean_squared_error, r2_score
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
     from sklearn.model_selection import KFold, train_test_split
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_store(store_dir)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    local = uri is None
+    uri = uri or local_store(store_dir)
     mlflow.set_tracking_uri(uri)
     say(f"Tracking to {uri}")
+    _experiment(experiment_name, store_dir / "artifacts" if local else None)
     X, y = load_diabetes(return_X_y=True, as_frame=True)
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.2, random_state=42)
 
@@ -56,18 +91,25 @@ def run_demo(
         return {
             "r2_score": float(r2_score(y_test, y_pred)),
             "rmse": float(np.sqrt(mean_squared_error(y_test, y_pred))),
+            "mae": float(mean_absolute_error(y_test, y_pred)),
         }
 
-    say("1/3 random forest through the tracker")
+    say("[1/5] random forest through the tracker")
     tracker = MLflowExperimentTracker(experiment_name=experiment_name)
     with tracker.start_run(run_name="rf-optimized"):
         tracker.set_tags({"model_type": "RandomForest", "stage": "optimization"})
-        params = {"n_estimators": 100, "max_depth": 15, "min_samples_split": 5}
+        params = {"n_estimators": 200, "max_depth": 15, "min_samples_split": 5}
         tracker.log_params(params)
-        model = RandomForestRegressor(**params, random_state=42).fit(X_train, y_train)
-        tracker.log_metrics(scores(model))
+        rf = RandomForestRegressor(**params, random_state=42, n_jobs=-1).fit(X_train, y_train)
+        tracker.log_metrics(scores(rf))
+        fig = _residual_plot(y_test, rf.predict(X_test), "rf-optimized")
+        tracker.log_figure(fig, "plots/residuals.png")
+        plt.close(fig)
+        tracker.log_model(
+            rf, "model", input_example=X_test.head(5), skops_trusted_types=_trusted(rf)
+        )
 
-    say("2/3 gradient boosting through the decorators")
+    say("[2/5] gradient boosting through the decorators")
 
     @mlflow_run(experiment_name=experiment_name, run_name="gb-experiment")
     @log_params_decorator
@@ -82,15 +124,14 @@ def run_demo(
 
     run_experiment(n_estimators=150, max_depth=3, learning_rate=0.05)
 
-    say("3/3 5-fold cross-validation with nested runs")
+    say("[3/5] 5-fold cross-validation with nested runs")
     with MLflowExperimentTracker(experiment_name=experiment_name, run_name="rf-cv") as parent:
         parent.log_params({"model": "RandomForest", "cv_folds": 5})
+        folds = KFold(5, shuffle=True, random_state=0).split(X)
         fold_scores = []
-        for fold, (train_idx, val_idx) in enumerate(
-            KFold(5, shuffle=True, random_state=0).split(X)
-        ):
+        for fold, (train_idx, val_idx) in enumerate(folds):
             with NestedRunTracker(run_name=f"fold-{fold}") as child:
-                model = RandomForestRegressor(n_estimators=50, random_state=fold)
+                model = RandomForestRegressor(n_estimators=50, random_state=fold, n_jobs=-1)
                 model.fit(X.iloc[train_idx], y.iloc[train_idx])
                 score = float(model.score(X.iloc[val_idx], y.iloc[val_idx]))
                 child.log_metrics({"fold_score": score})
@@ -101,9 +142,51 @@ def run_demo(
                 "std_cv_score": float(np.std(fold_scores)),
             }
         )
+
+    say("[4/5] 3x3 grid search with nested runs")
+    with MLflowExperimentTracker(experiment_name=experiment_name, run_name="rf-grid") as grid:
+        grid.log_params({"search_type": "grid", "model": "RandomForest"})
+        grid.log_dict(GRID, "param_grid.json")
+        best_score, best_params = -np.inf, {}
+        for n_est in GRID["n_estimators"]:
+            for depth in GRID["max_depth"]:
+                with NestedRunTracker(run_name=f"n{n_est}_d{depth}") as child:
+                    child.log_params({"n_estimators": n_est, "max_depth": depth})
+                    model = RandomForestRegressor(
+                        n_estimators=n_est, max_depth=depth, random_state=0, n_jobs=-1
+                    ).fit(X_train, y_train)
+                    score = float(model.score(X_test, y_test))
+                    child.log_metrics({"r2_score": score})
+                    if score > best_score:
+                        best_score, best_params = score, {"n_estimators": n_est, "max_depth": depth}
+        grid.log_params({"best_" + k: v for k, v in best_params.items()})
+        grid.log_metrics({"best_r2_score": best_score})
+
+    say("[5/5] registering the best model and moving it to Production")
     flush()
-    runs = mlflow.search_runs(experiment_names=[experiment_name], order_by=["start_time DESC"])
-    say(f"{len(runs)} runs in experiment {experiment_name!r}; {stats().sent} events stored")
-    if uri.startswith("sqlite:"):
+    model_name = f"{experiment_name}-production"
+    version = register_best_model(experiment_name, model_name, metric="r2_score")
+    transition_model_stage(model_name, version, "Production", archive_existing=True)
+    say(f"Registered {model_name} version {version}: models:/{model_name}@production")
+
+    table = compare_runs(experiment_name, metrics=["r2_score", "rmse"], top_n=10)
+    say("\nBest runs by r2_score:")
+    say(table[["run_name", "status", "metric_r2_score", "metric_rmse"]].to_string(index=False))
+    summary = get_experiment_summary(experiment_name)
+    say(
+        f"\n{summary['total_runs']} runs ({summary['finished_runs']} finished, "
+        f"{summary['failed_runs']} failed); best r2 {summary['best_r2']:.4f}, "
+        f"best rmse {summary['best_rmse']:.2f}, mean r2 {summary['avg_r2']:.4f}; "
+        f"{stats().sent} events stored"
+    )
+    if local:
         say(f"See them in the MLflow UI: mlflow ui --backend-store-uri {uri}")
-    return {"tracking_uri": uri, "runs": len(runs)}
+    return {"tracking_uri": uri, "runs": summary["total_runs"], "model_version": version}
+
+
+def _trusted(model: Any) -> list[str]:
+    """The types skops (MLflow 3's default sklearn format) must be told to load: only
+    those of the model we just trained."""
+    from skops.io import dumps, get_untrusted_types
+
+    return list(get_untrusted_types(data=dumps(model)))

@@ -7,11 +7,14 @@ Logging calls queue events and return; one background worker batches them into
 from __future__ import annotations
 
 from asynctrack import config
+from asynctrack._artifacts.models import LoggedModelHandle
 from asynctrack._engine import configure
+from asynctrack._engine.runtime import configure_engine
 from asynctrack._engine.stats import Stats
 from asynctrack.api import aflush, flush, stats
 from asynctrack.config import setup_mlflow_env
 from asynctrack.decorators import (
+    log_artifact_decorator,
     log_metrics_decorator,
     log_params_decorator,
     mlflow_run,
@@ -47,6 +50,7 @@ __all__ = (
     "DeliveryError",
     "EngineClosedError",
     "FlushTimeoutError",
+    "LoggedModelHandle",
     "MLflowExperimentTracker",
     "NestedRunTracker",
     "NoActiveRunError",
@@ -58,6 +62,7 @@ __all__ = (
     "compare_runs",
     "config",
     "configure",
+    "configure_engine",
     "delete_experiment_runs",
     "flush",
     "get_best_run",
@@ -65,6 +70,7 @@ __all__ = (
     "get_run_by_name",
     "list_registered_models",
     "load_best_model",
+    "log_artifact_decorator",
     "log_metrics_decorator",
     "log_params_decorator",
     "mlflow_run",

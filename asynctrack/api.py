@@ -28,5 +28,5 @@ async def aflush(timeout: float | None = None) -> None:
 
 def stats() -> Stats:
     """Counters for this process: events queued, sent, retried, rejected, dropped, batches
-    sent and requests in flight."""
+    sent and requests in flight; artifact files and bytes queued, uploaded, retried, failed."""
     return _stats()

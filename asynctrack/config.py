@@ -19,13 +19,18 @@ from asynctrack.errors import ConfigError
 __all__ = [
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
+    "DEFAULT_ARTIFACTS_DESTINATION",
     "DEFAULT_EXIT_TIMEOUT",
     "DEFAULT_FLUSH_INTERVAL",
     "DEFAULT_FLUSH_TIMEOUT",
     "DEFAULT_FULL_POLICY",
+    "DEFAULT_MAX_CONCURRENT_UPLOADS",
     "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_MULTIPART_PART_SIZE",
+    "DEFAULT_MULTIPART_THRESHOLD",
     "DEFAULT_QUEUE_CAPACITY",
     "DEFAULT_REQUEST_TIMEOUT",
+    "DEFAULT_STAGING_DIR",
     "MLFLOW_EXPERIMENT_NAME",
     "MLFLOW_S3_ENDPOINT_URL",
     "MLFLOW_TRACKING_URI",
@@ -71,8 +76,23 @@ DEFAULT_FLUSH_TIMEOUT = 60.0
 DEFAULT_REQUEST_TIMEOUT = 30.0
 #: What a logging call does when the queue is full: wait for room, drop (counted), or raise.
 DEFAULT_FULL_POLICY: FullPolicy = "block"
+#: Artifact files at least this large (bytes) go to S3 as multipart uploads.
+DEFAULT_MULTIPART_THRESHOLD = 8 * 1024 * 1024
+#: Bytes in each part of a multipart upload; S3 wants at least 5 MiB (the last part excepted).
+DEFAULT_MULTIPART_PART_SIZE = 8 * 1024 * 1024
+#: Files or parts uploaded at once; each streams from disk, holding at most 1 MiB in memory.
+DEFAULT_MAX_CONCURRENT_UPLOADS = 8
+#: Where artifacts are copied at the call until stored ("": the system's temporary directory).
+DEFAULT_STAGING_DIR = ""
+#: A proxied server's ``--artifacts-destination`` (``s3://...``): upload there directly
+#: instead of through the server ("": through the server).
+DEFAULT_ARTIFACTS_DESTINATION = ""
 
 _POLICIES = ("block", "drop", "raise")
+_MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
+_MAX_PART_SIZE = 5 * 1024 * 1024 * 1024
+# Settings compared case-insensitively; paths and URIs keep their case.
+_CASE_INSENSITIVE = ("ASYNCTRACK_FULL_POLICY",)
 
 
 @dataclass(frozen=True)
@@ -86,9 +106,19 @@ class EngineConfig:
     flush_timeout: float = DEFAULT_FLUSH_TIMEOUT
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     full_policy: FullPolicy = DEFAULT_FULL_POLICY
+    multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD
+    multipart_part_size: int = DEFAULT_MULTIPART_PART_SIZE
+    max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS
+    staging_dir: str = DEFAULT_STAGING_DIR
+    artifacts_destination: str = DEFAULT_ARTIFACTS_DESTINATION
 
     def __post_init__(self) -> None:
-        for name in ("queue_capacity", "max_in_flight"):
+        for name in (
+            "queue_capacity",
+            "max_in_flight",
+            "multipart_threshold",
+            "max_concurrent_uploads",
+        ):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -100,6 +130,23 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
         if self.full_policy not in _POLICIES:
             raise ConfigError(f"full_policy must be one of {_POLICIES}, got {self.full_policy!r}")
+        self._check_artifact_settings()
+
+    def _check_artifact_settings(self) -> None:
+        size = self.multipart_part_size
+        if type(size) is not int or not _MIN_PART_SIZE <= size <= _MAX_PART_SIZE:
+            raise ConfigError(
+                f"multipart_part_size must be an integer from {_MIN_PART_SIZE} (5 MiB) to "
+                f"{_MAX_PART_SIZE} (5 GiB) bytes, got {size!r}"
+            )
+        for name in ("staging_dir", "artifacts_destination"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+        destination = self.artifacts_destination
+        if destination and not destination.startswith("s3://"):
+            raise ConfigError(
+                f"artifacts_destination must be an s3:// URI (or empty), got {destination!r}"
+            )
 
     @classmethod
     def resolve(cls, **overrides: Any) -> EngineConfig:
@@ -122,7 +169,7 @@ class EngineConfig:
 
 def _parse(env_name: str, raw: str, default: object) -> object:
     if isinstance(default, str):
-        return raw.lower()
+        return raw.lower() if env_name in _CASE_INSENSITIVE else raw
     try:
         return int(raw) if isinstance(default, int) else float(raw)
     except ValueError:

@@ -17,6 +17,7 @@ import contextvars
 import functools
 import inspect
 import numbers
+import os
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -28,7 +29,13 @@ from asynctrack._runs import Run
 from asynctrack.errors import NoActiveRunError
 from asynctrack.tracker import MLflowExperimentTracker, RunLogger, _RunScope
 
-__all__ = ["log_metrics_decorator", "log_params_decorator", "mlflow_run", "timed_execution"]
+__all__ = [
+    "log_artifact_decorator",
+    "log_metrics_decorator",
+    "log_params_decorator",
+    "mlflow_run",
+    "timed_execution",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -302,3 +309,35 @@ def timed_execution(fn: Callable[P, R]) -> Callable[P, R]:
         logger.log_metric(key, elapsed)
 
     return _logging_decorator(fn, None, after)
+
+
+def log_artifact_decorator(
+    artifact_path: str | None = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Log the file (or folder) at the path the function returns, under ``artifact_path``,
+    to the active run; plain and ``async def`` functions alike.
+
+    The file is captured when the function returns, so it may be overwritten at once. A
+    result that is not a path raises ``TypeError``, a path to nothing ``FileNotFoundError``,
+    both after the function ran; the return value is passed through unchanged.
+    """
+    if callable(artifact_path):
+        raise TypeError(
+            "use @log_artifact_decorator() or @log_artifact_decorator(artifact_path=...)"
+        )
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        def after(logger: RunLogger, result: Any, elapsed: float) -> None:
+            if not isinstance(result, (str, os.PathLike)):
+                raise TypeError(
+                    f"{fn.__qualname__} must return a file path for log_artifact_decorator, "
+                    f"got {type(result).__name__}"
+                )
+            if os.path.isdir(result):
+                logger.log_artifacts(result, artifact_path)
+            else:
+                logger.log_artifact(result, artifact_path)
+
+        return _logging_decorator(fn, None, after)
+
+    return decorate

@@ -72,7 +72,7 @@ class Rejection:
     """One event the server refused, and why."""
 
     run_id: str
-    kind: str  # "metric", "param", "tag" or "run"
+    kind: str  # "metric", "param", "tag", "run", "artifact" or "model"
     key: str
     reason: str
 
@@ -81,7 +81,7 @@ class Rejection:
 
 
 class DeliveryError(AsyncTrackError):
-    """The server refused some events; every other event was stored.
+    """The server refused some events (or an upload failed); every other event was stored.
 
     ``rejections`` lists each refused event with its run, key and the server's reason.
     """
@@ -92,4 +92,4 @@ class DeliveryError(AsyncTrackError):
         more = len(self.rejections) - 20
         tail = f"\n  ... and {more} more" if more > 0 else ""
         count = len(self.rejections)
-        super().__init__(f"{count} event(s) rejected by the server:\n  {shown}{tail}")
+        super().__init__(f"{count} event(s) not stored:\n  {shown}{tail}")

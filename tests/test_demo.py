@@ -73,22 +73,24 @@ def test_demo_exits_cleanly_and_prints_the_ui_command(demo: Demo) -> None:
     uri = f"sqlite:///{db.resolve()}"
     assert f"Tracking to {uri}" in demo.stdout
     assert f"mlflow ui --backend-store-uri {uri}" in demo.stdout
-    for step in ("1/3", "2/3", "3/3"):  # progress while it works
+    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):  # progress while it works
         assert step in demo.stdout
 
 
 def test_demo_store_holds_what_it_claims(demo: Demo, store_runs: dict[str, Run]) -> None:
-    claimed = re.search(r"(\d+) runs in experiment '([^']+)'; (\d+) events stored", demo.stdout)
+    claimed = re.search(
+        r"(\d+) runs \((\d+) finished, (\d+) failed\).*; (\d+) events stored", demo.stdout
+    )
     assert claimed, demo.stdout
-    assert claimed.group(2) == EXPERIMENT
-    assert int(claimed.group(1)) == len(store_runs) == 8
-    assert int(claimed.group(3)) > 0
+    assert int(claimed.group(1)) == len(store_runs) == 18
+    assert int(claimed.group(2)) == 18 and int(claimed.group(3)) == 0
+    assert int(claimed.group(4)) > 0
     assert {r.info.status for r in store_runs.values()} == {"FINISHED"}
 
     rf = store_runs["rf-optimized"]
-    assert rf.data.params == {"n_estimators": "100", "max_depth": "15", "min_samples_split": "5"}
+    assert rf.data.params == {"n_estimators": "200", "max_depth": "15", "min_samples_split": "5"}
     assert {"model_type": "RandomForest", "stage": "optimization"}.items() <= rf.data.tags.items()
-    assert set(rf.data.metrics) == {"r2_score", "rmse"}
+    assert set(rf.data.metrics) == {"r2_score", "rmse", "mae"}
     assert 0 < rf.data.metrics["r2_score"] < 1 and rf.data.metrics["rmse"] > 0
 
     gb = store_runs["gb-experiment"]
@@ -105,8 +107,39 @@ def test_demo_store_holds_what_it_claims(demo: Demo, store_runs: dict[str, Run])
     std = (sum((s - mean) ** 2 for s in scores) / 5) ** 0.5
     assert cv.data.metrics["mean_cv_score"] == pytest.approx(mean)
     assert cv.data.metrics["std_cv_score"] == pytest.approx(std)
-    for name in ("rf-optimized", "gb-experiment", "rf-cv"):
+    for name in ("rf-optimized", "gb-experiment", "rf-cv", "rf-grid"):
         assert PARENT not in store_runs[name].data.tags
+
+    grid = store_runs["rf-grid"]
+    children = [r for r in store_runs.values() if r.data.tags.get(PARENT) == grid.info.run_id]
+    assert len(children) == 9
+    best = max(children, key=lambda r: r.data.metrics["r2_score"])
+    assert grid.data.metrics["best_r2_score"] == best.data.metrics["r2_score"]
+    assert grid.data.params["best_n_estimators"] == best.data.params["n_estimators"]
+
+
+def test_demo_logs_artifacts_and_moves_the_best_model_to_production(
+    demo: Demo, store_runs: dict[str, Run]
+) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{(demo.store / 'mlflow.db').resolve()}"
+    client = MlflowClient(tracking_uri=uri)
+    rf, grid = store_runs["rf-optimized"], store_runs["rf-grid"]
+    assert [f.path for f in client.list_artifacts(rf.info.run_id, "plots")] == [
+        "plots/residuals.png"
+    ]
+    assert "param_grid.json" in [f.path for f in client.list_artifacts(grid.info.run_id)]
+    name = f"{EXPERIMENT}-production"
+    version = client.get_model_version_by_alias(name, "production")
+    assert version.current_stage == "Production"
+    assert f"Registered {name} version {version.version}" in demo.stdout
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.sklearn.load_model(f"models:/{name}@production")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert hasattr(model, "predict")
 
 
 def test_demo_keeps_its_artifacts_in_the_store_dir(demo: Demo, store_runs: dict[str, Run]) -> None:
@@ -149,6 +182,6 @@ def test_demo_against_a_server(
     experiment = client.get_experiment_by_name(experiment_name)
     assert experiment is not None
     names = sorted(r.info.run_name for r in client.search_runs([experiment.experiment_id]))
-    assert names == sorted(
-        ["rf-optimized", "gb-experiment", "rf-cv", *(f"fold-{i}" for i in range(5))]
-    )
+    grid = [f"n{n}_d{d}" for n in (100, 200, 300) for d in (5, 10, 15)]
+    folds = [f"fold-{i}" for i in range(5)]
+    assert names == sorted(["rf-optimized", "gb-experiment", "rf-cv", "rf-grid", *folds, *grid])

@@ -46,6 +46,19 @@ def configure(**settings: Any) -> EngineConfig:
     return config
 
 
+def configure_engine(tracking_uri: str, **settings: Any) -> EngineConfig:
+    """Settings for the engine of one tracking URI (say, its ``artifacts_destination``),
+    before anything is logged to it; other URIs keep the process-wide settings."""
+    config = EngineConfig.resolve(**settings)
+    with _lock:
+        engine = _engines.get(tracking_uri)
+        if engine is not None and engine.state is State.OPEN:
+            raise RuntimeError(f"the engine for {redact(tracking_uri)} is already running")
+        engine = _engines[tracking_uri] = Engine(tracking_uri, config)
+        _register_mp_finalizer(engine)
+    return config
+
+
 def get_engine(tracking_uri: str) -> Engine:
     engine = _engines.get(tracking_uri)
     if engine is not None:

@@ -109,7 +109,8 @@ class Engine:
     def _put_slow(self, event: Event) -> None:
         if not self.open:
             self._start()
-        if len(self._buf) < self._capacity or isinstance(event, Barrier):
+        # Barriers and jobs (staged files on disk, already counted) always get in.
+        if len(self._buf) < self._capacity or isinstance(event, (Barrier, Job)):
             self._buf.append(event)
             return
         policy = self.config.full_policy
@@ -144,6 +145,8 @@ class Engine:
         return len(self._buf) - self._barriers + self._held
 
     def stats(self) -> Stats:
+        from asynctrack._engine.stats import file_counters  # artifact uploads count apart
+
         return Stats(
             queued=self.pending(),
             sent=self._sent,
@@ -152,6 +155,7 @@ class Engine:
             dropped=self._dropped,
             batches_sent=self._batches,
             in_flight=self._in_flight,
+            **file_counters(self).snapshot(),
         )
 
     def end_run(self, run_id: str, status: str, timeout: float | None = None) -> None:

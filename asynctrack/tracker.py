@@ -93,10 +93,22 @@ class MLflowExperimentTracker(ArtifactMethods):
     def _parent(self) -> Run | None:
         return None
 
-    def __enter__(self) -> MLflowExperimentTracker:
+    def _push_scope(self) -> _RunScope:
         scope = self.start_run(self._run_name, self._tags)
         self._scopes.set((*self._scopes.get(), scope))
-        scope.__enter__()
+        return scope
+
+    def _pop_scope(self) -> _RunScope:
+        scopes = self._scopes.get()
+        self._scopes.set(scopes[:-1])
+        return scopes[-1]
+
+    def __enter__(self) -> MLflowExperimentTracker:
+        try:
+            self._push_scope().__enter__()
+        except BaseException:
+            self._pop_scope()
+            raise
         return self
 
     def __exit__(
@@ -105,14 +117,14 @@ class MLflowExperimentTracker(ArtifactMethods):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        scopes = self._scopes.get()
-        self._scopes.set(scopes[:-1])
-        scopes[-1].__exit__(exc_type, exc, tb)
+        self._pop_scope().__exit__(exc_type, exc, tb)
 
     async def __aenter__(self) -> MLflowExperimentTracker:
-        scope = self.start_run(self._run_name, self._tags)
-        self._scopes.set((*self._scopes.get(), scope))
-        await scope.__aenter__()
+        try:
+            await self._push_scope().__aenter__()
+        except BaseException:
+            self._pop_scope()
+            raise
         return self
 
     async def __aexit__(
@@ -121,9 +133,7 @@ class MLflowExperimentTracker(ArtifactMethods):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        scopes = self._scopes.get()
-        self._scopes.set(scopes[:-1])
-        await scopes[-1].__aexit__(exc_type, exc, tb)
+        await self._pop_scope().__aexit__(exc_type, exc, tb)
 
     def _active(self) -> Run:
         run = self._run_var.get()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import mlflow
 import pytest
@@ -18,6 +18,25 @@ if TYPE_CHECKING:
     from asynctrack.testing import MlflowServer
 
 pytest_plugins = ["asynctrack.testing"]
+
+
+class Data(NamedTuple):
+    """scikit-learn's diabetes set, split as the seed's examples use X/y train and test."""
+
+    X_train: Any
+    X_test: Any
+    y_train: Any
+    y_test: Any
+
+
+@pytest.fixture(scope="session")
+def data() -> Data:
+    from sklearn.datasets import load_diabetes
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_diabetes(return_X_y=True, as_frame=True)
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.2, random_state=42)
+    return Data(X_train, X_test, y_train, y_test)
 
 
 @pytest.fixture

@@ -10,17 +10,16 @@ yet; the tests read the same answers back with ``MlflowClient.search_runs``.
 from __future__ import annotations
 
 from itertools import product
-from typing import Any, NamedTuple
+from typing import Any
 
 import mlflow
 import numpy as np
-import pytest
+from conftest import Data
 from mlflow import MlflowClient
 from mlflow.entities import Run
-from sklearn.datasets import load_diabetes
 from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
-from sklearn.model_selection import KFold, train_test_split
+from sklearn.model_selection import KFold
 
 from asynctrack import (
     MLflowExperimentTracker,
@@ -30,20 +29,6 @@ from asynctrack import (
 )
 
 PARENT = "mlflow.parentRunId"
-
-
-class Data(NamedTuple):
-    X_train: Any
-    X_test: Any
-    y_train: Any
-    y_test: Any
-
-
-@pytest.fixture(scope="module")
-def data() -> Data:
-    X, y = load_diabetes(return_X_y=True, as_frame=True)
-    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.2, random_state=42)
-    return Data(X_train, X_test, y_train, y_test)
 
 
 def runs_of(client: MlflowClient, experiment_name: str, **kwargs: Any) -> list[Run]:

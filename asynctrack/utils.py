@@ -144,9 +144,7 @@ def _logged_model_of(client: MlflowClient, experiment_id: str, run_ids: list[str
 def _best_model(experiment_name: str, metric: str, ascending: bool) -> Any:
     client = _client()
     ranked = _ranked(client, experiment_name, metric, ascending)
-    model = _logged_model_of(
-        client, ranked[0].info.experiment_id, [r.info.run_id for r in ranked]
-    )
+    model = _logged_model_of(client, ranked[0].info.experiment_id, [r.info.run_id for r in ranked])
     if model is None:
         raise LookupError(
             f"no run of experiment {experiment_name!r} with metric {metric!r} logged a model"
@@ -154,9 +152,7 @@ def _best_model(experiment_name: str, metric: str, ascending: bool) -> Any:
     return model
 
 
-def load_best_model(
-    experiment_name: str, metric: str = "r2_score", ascending: bool = False
-) -> Any:
+def load_best_model(experiment_name: str, metric: str = "r2_score", ascending: bool = False) -> Any:
     """Load the model of the best run that logged one (its sklearn flavor when it has one)."""
     import mlflow.pyfunc
     import mlflow.sklearn

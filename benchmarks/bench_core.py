@@ -18,6 +18,7 @@ import contextlib
 import gc
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -43,7 +44,7 @@ CALLS = 200_000
 
 
 def per_call_us(
-    fn: Callable[[int], None],
+    fn: Callable[[int], object],
     calls: int,
     rounds: int = ROUNDS,
     settle: Callable[[], None] = lambda: None,
@@ -133,6 +134,7 @@ def bench_mlflow(experiment: str, results: dict[str, float]) -> None:
         caller = time.perf_counter() - start
         results["mlflow log_metric synchronous=False us"] = caller / n * 1e6
         for op in ops:
+            assert op is not None
             op.wait()
         results["mlflow async end-to-end metrics/s"] = n / (time.perf_counter() - start)
         values = {f"m{k}": 0.1 * k for k in range(10)}
@@ -142,18 +144,21 @@ def bench_mlflow(experiment: str, results: dict[str, float]) -> None:
             (time.perf_counter() - start) / 200 * 1e6
         )
         for op in ops:
+            assert op is not None
             op.wait()
         bench_raw_log_batch(mlflow.MlflowClient(), run.info.run_id, results)
 
 
-def bench_training_loop(experiment: str, server_pid: int, results: dict[str, float]) -> None:
+def bench_training_loop(
+    experiment: str, server_url: str, server_pid: int, results: dict[str, float]
+) -> None:
     """About 1 ms of numpy work and 10 metrics a step, with and without logging.
 
     BLAS runs on one thread: the step stands for work that leaves a core free (a GPU step,
     or a data loader on the other core); BLAS threads spinning on both of this machine's
     two cores would measure their contention with the server, not the logging.
     """
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
     size = 100
     rng = np.random.default_rng(0)
@@ -189,6 +194,69 @@ def bench_training_loop(experiment: str, server_pid: int, results: dict[str, flo
             results[f"training loop step ms (no logging){label}"] = b / steps * 1e3
             results[f"training loop slowdown %{label}"] = (t - b) / b * 100
 
+        # What the server alone takes from the loop when it shares the cores: no logging
+        # here, while another process sends the server the same metrics at the same rate.
+        step_s = results["training loop step ms (no logging)"] / 1e3
+        with tracker.start_run(run_name="server-load"):
+            run_id = tracker.run_id
+            assert run_id is not None
+            base, loaded = [], []
+            for _ in range(5):
+                base.append(loop(None))
+                with _server_load(server_url, run_id, calls_per_s=10 / 1000 / step_s):
+                    loaded.append(loop(None))
+        b, t = statistics.median(base), statistics.median(loaded)
+        results["training loop slowdown %, server load alone (no logging here)"] = (t - b) / b * 100
+
+
+# Sends full 1000-metric log_batch bodies at a fixed rate, 4 in flight, with next to no CPU
+# of its own (pre-encoded bodies over http.client).
+_LOAD = r"""
+import http.client, sys, threading, time
+from urllib.parse import urlsplit
+url, run_id, rate = sys.argv[1], sys.argv[2], float(sys.argv[3])
+ready = threading.Barrier(5)
+def body(k, n):
+    ms = ",".join(
+        f'{{"key":"load_{i % 10}","value":{i}.0,"timestamp":{int(time.time() * 1000)},'
+        f'"step":{(k * 10**7) + n * 1000 + i}}}' for i in range(1000)
+    )
+    return f'{{"run_id":"{run_id}","metrics":[{ms}]}}'.encode()
+def sender(k):
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
+    bodies = [body(k, n) for n in range(200)]
+    ready.wait()
+    start = time.monotonic()
+    for n, b in enumerate(bodies):
+        time.sleep(max(0.0, start + n * 4 / rate - time.monotonic()))
+        conn.request("POST", "/api/2.0/mlflow/runs/log-batch", b,
+                     {"Content-Type": "application/json"})
+        conn.getresponse().read()
+for k in range(4):
+    threading.Thread(target=sender, args=(k,), daemon=True).start()
+ready.wait()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def _server_load(url: str, run_id: str, calls_per_s: float) -> Iterator[None]:
+    load = subprocess.Popen(
+        [sys.executable, "-c", _LOAD, url, run_id, str(calls_per_s)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert load.stdout is not None and load.stdin is not None
+    try:
+        assert load.stdout.readline().strip() == "ready"
+        yield
+    finally:
+        load.kill()
+        load.wait()
+
 
 @contextlib.contextmanager
 def _pinned(server_pid: int, pin: bool) -> Iterator[None]:
@@ -202,18 +270,27 @@ def _pinned(server_pid: int, pin: bool) -> Iterator[None]:
         yield
         return
     cpus = sorted(os.sched_getaffinity(0))
-    server_pids = [server_pid, *_children(server_pid)]
-    for pid in server_pids:
+    # Affinity is per thread: every thread of every server process, and of this one.
+    server = [t for pid in (server_pid, *_children(server_pid)) for t in _threads(pid)]
+    here = _threads(os.getpid())
+    for tid in server:
         with contextlib.suppress(OSError):
-            os.sched_setaffinity(pid, cpus[-1:])
-    os.sched_setaffinity(0, cpus[:-1])
+            os.sched_setaffinity(tid, cpus[-1:])
+    for tid in here:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(tid, cpus[:-1])
     try:
         yield
     finally:
-        os.sched_setaffinity(0, cpus)
-        for pid in server_pids:
+        for tid in server + here:
             with contextlib.suppress(OSError):
-                os.sched_setaffinity(pid, cpus)
+                os.sched_setaffinity(tid, cpus)
+
+
+def _threads(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(task.name) for task in Path(f"/proc/{pid}/task").iterdir()]
+    return []
 
 
 def _children(pid: int) -> list[int]:
@@ -263,7 +340,7 @@ def main() -> None:
         )
         bench_asynctrack("bench-asynctrack", results)
         assert server.pid is not None
-        bench_training_loop("bench-loop", server.pid, results)
+        bench_training_loop("bench-loop", server.url, server.pid, results)
         bench_mlflow("bench-mlflow", results)
         bench_memory(results)
         asynctrack.flush(600)

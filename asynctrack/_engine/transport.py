@@ -5,21 +5,26 @@ Two transports with one contract: ``log_batch`` and ``end_run`` either return (s
 :class:`Refused` (the server said no; retrying the same request cannot help).
 
 ``RestTransport`` writes the ``log-batch`` JSON body directly: building MLflow entities and
-protobufs costs about 14 us of worker CPU per metric, the body written here about 1 us,
-and the worker shares the GIL with the training loop. Authentication, TLS and header
-plugins still come from MLflow's own ``http_request``. ``StoreTransport`` serves every
-other tracking URI (``file:``, ``sqlite:``...) through ``MlflowClient``.
+protobufs costs about 14 us of worker CPU per metric, the body written here under 1 us,
+and the worker shares the GIL with the training loop. It is sent by ``wire.Wire``, or by
+MLflow's own ``http_request`` when authentication or proxies need it per request.
+``StoreTransport`` serves every other tracking URI (``file:``, ``sqlite:``...) through
+``MlflowClient``.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import math
 import re
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from asynctrack._engine.events import Metric, to_json_number
+from asynctrack._engine.wire import Wire
+from asynctrack._engine.wire import usable as wire_usable
 
 KeyValue = tuple[str, str]
 
@@ -56,17 +61,16 @@ class Transport(Protocol):
     def end_run(self, run_id: str, status: str, end_time: int) -> None: ...
 
 
-_key_json: dict[str, str] = {}
+# '{"key":"<key>","value":' for each key seen, so a metric costs one f-string.
+_key_prefix: dict[str, str] = {}
 _SLICE = 200  # metrics encoded between two yields of the GIL
 
 
-def _jkey(key: str) -> str:
-    encoded = _key_json.get(key)
-    if encoded is None:
-        encoded = json.dumps(key)
-        if len(_key_json) < 100_000:
-            _key_json[key] = encoded
-    return encoded
+def _prefix(key: str) -> str:
+    prefix = '{"key":' + json.dumps(key) + ',"value":'
+    if len(_key_prefix) < 100_000:
+        _key_prefix[key] = prefix
+    return prefix
 
 
 def encode_log_batch(
@@ -76,13 +80,15 @@ def encode_log_batch(
     tags: Sequence[KeyValue],
 ) -> str:
     """The ``log-batch`` request body, as MLflow's REST API expects it."""
+    prefixes, finite = _key_prefix, math.isfinite
     parts: list[str] = []
     for start in range(0, len(metrics), _SLICE):
         if start:
             time.sleep(0)  # let the training loop take the GIL between slices
         parts.extend(
-            f'{{"key":{_jkey(key)},"value":{to_json_number(value)},'
-            f'"timestamp":{round(when * 1000)},"step":{step}}}'
+            f"{prefixes.get(key) or _prefix(key)}"
+            f"{repr(value) if type(value) is float and finite(value) else to_json_number(value)}"
+            f',"timestamp":{int(when * 1000)},"step":{step}}}'
             for _, key, value, when, step in metrics[start : start + _SLICE]
         )
     body = [f'{{"run_id":{json.dumps(run_id)},"metrics":[{",".join(parts)}]']
@@ -102,8 +108,27 @@ class RestTransport:
 
         self._creds = get_default_host_creds(tracking_uri)
         self._timeout = request_timeout
+        self._wire = Wire(self._creds, request_timeout) if wire_usable(self._creds) else None
 
     def _post(self, endpoint: str, body: str) -> None:
+        if self._wire is None:
+            status, text = self._post_via_mlflow(endpoint, body)
+        else:
+            try:
+                status, text = self._wire.post(endpoint, body.encode("utf-8"))
+            except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out
+                raise Transient(_short(f"{type(exc).__name__}: {exc}")) from None
+        if status == 200:
+            return
+        if status in _TRANSIENT_STATUS:
+            raise Transient(f"HTTP {status}")
+        code, message = _error_of(text)
+        raise Refused(
+            f"{code or 'HTTP ' + str(status)}: {_short(message)}",
+            splittable=_splittable(code, message) and status not in (401, 403, 404),
+        )
+
+    def _post_via_mlflow(self, endpoint: str, body: str) -> tuple[int, str]:
         from mlflow.exceptions import MlflowException
         from mlflow.utils.rest_utils import http_request
 
@@ -124,16 +149,7 @@ class RestTransport:
             )
         except MlflowException as exc:  # connection refused, reset, timed out
             raise Transient(_short(str(exc))) from None
-        status = response.status_code
-        if status == 200:
-            return
-        if status in _TRANSIENT_STATUS:
-            raise Transient(f"HTTP {status}")
-        code, message = _error_of(response.text)
-        raise Refused(
-            f"{code or 'HTTP ' + str(status)}: {_short(message)}",
-            splittable=_splittable(code, message) and status not in (401, 403, 404),
-        )
+        return response.status_code, response.text
 
     def log_batch(
         self,
@@ -187,7 +203,7 @@ class StoreTransport:
         self._call(
             self._client.log_batch,
             run_id,
-            metrics=[MetricEntity(m[1], float(m[2]), round(m[3] * 1000), m[4]) for m in metrics],
+            metrics=[MetricEntity(m[1], float(m[2]), int(m[3] * 1000), m[4]) for m in metrics],
             params=[Param(k, v) for k, v in params],
             tags=[RunTag(k, v) for k, v in tags],
             synchronous=True,

@@ -1,0 +1,121 @@
+"""The lean HTTP client the worker sends batches with, against a recording loopback server.
+
+The real MLflow server exercises it in every delivery test; these check what that server
+cannot show: the headers sent, credentials kept out of reprs and errors, a kept-alive
+connection the server closed, and which set-ups fall back to MLflow's own ``http_request``.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from mlflow.utils.credentials import get_default_host_creds
+
+from asynctrack._engine import wire
+from asynctrack._engine.transport import RestTransport, Transient
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[str, dict[str, str], bytes]] = []
+    close_after: set[int] = set()  # request numbers after which the connection is dropped
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.seen.append((self.path, dict(self.headers), body))
+        payload = b"{}"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+        if len(self.seen) in self.close_after:
+            self.close_connection = True
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def recorder() -> Iterator[str]:
+    _Recorder.seen = []
+    _Recorder.close_after = set()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/prefix"
+    server.shutdown()
+    server.server_close()
+
+
+def test_basic_auth_sent_and_never_shown(recorder: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-pw")
+    creds = get_default_host_creds(recorder)
+    assert wire.usable(creds)
+    client = wire.Wire(creds, 5.0)
+    assert client.post("/api/2.0/mlflow/runs/log-batch", b'{"run_id":"r"}') == (200, "{}")
+    path, headers, body = _Recorder.seen[0]
+    assert path == "/prefix/api/2.0/mlflow/runs/log-batch"
+    assert body == b'{"run_id":"r"}'
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"alice:s3cret-pw").decode()
+    assert "mlflow-python-client" in headers["User-Agent"]  # MLflow's header providers ran
+    assert "s3cret" not in repr(client) and "alice" not in repr(client)
+
+
+def test_bearer_token(recorder: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-123")
+    wire.Wire(get_default_host_creds(recorder), 5.0).post("/x", b"{}")
+    assert _Recorder.seen[0][1]["Authorization"] == "Bearer tok-123"
+
+
+def test_connection_kept_alive_and_renewed_when_the_server_closed_it(recorder: str) -> None:
+    _Recorder.close_after = {2}
+    client = wire.Wire(get_default_host_creds(recorder), 5.0)
+    for n in range(5):
+        assert client.post("/x", str(n).encode())[0] == 200
+    assert [body for _, _, body in _Recorder.seen] == [b"0", b"1", b"2", b"3", b"4"]
+
+
+def test_unreachable_server_is_transient_and_names_no_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-pw")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    transport = RestTransport(f"http://127.0.0.1:{port}", 2.0)
+    with pytest.raises(Transient) as caught:
+        transport.end_run("r" * 32, "FINISHED", 0)
+    assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "usable"),
+    [
+        ({}, True),
+        ({"HTTP_PROXY": "http://proxy.invalid:3128"}, False),
+        ({"HTTP_PROXY": "http://proxy.invalid:3128", "NO_PROXY": "127.0.0.1"}, True),
+        ({"MLFLOW_TRACKING_AUTH": "basic-auth"}, False),
+        ({"MLFLOW_TRACKING_AWS_SIGV4": "true"}, False),
+    ],
+)
+def test_per_request_setups_fall_back_to_mlflow(
+    recorder: str, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], usable: bool
+) -> None:
+    for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert wire.usable(get_default_host_creds(recorder)) is usable
+    transport = RestTransport(recorder, 5.0)
+    assert (transport._wire is not None) is usable

@@ -88,6 +88,17 @@ DEFAULT_STAGING_DIR = ""
 #: instead of through the server ("": through the server).
 DEFAULT_ARTIFACTS_DESTINATION = ""
 
+#: Keep what the worker takes off the queue on local disk until stored (see README, "Spool").
+DEFAULT_SPOOL = True
+#: The spool's root ("": ``$XDG_STATE_HOME/asynctrack/spool``, else ``~/.local/state/...``).
+DEFAULT_SPOOL_DIR = ""
+#: Seconds between two fsyncs of the spool: what a crash can lose at most.
+DEFAULT_SPOOL_SYNC_INTERVAL = 1.0
+#: Bytes one process may keep in its spool; beyond it, callers wait as for a full queue.
+DEFAULT_SPOOL_LIMIT = 10 * 1024**3
+#: Replay the spools of processes that died, in the background, when an engine starts.
+DEFAULT_SPOOL_RECOVER = False
+
 _POLICIES = ("block", "drop", "raise")
 _MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
 _MAX_PART_SIZE = 5 * 1024 * 1024 * 1024
@@ -111,6 +122,11 @@ class EngineConfig:
     max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS
     staging_dir: str = DEFAULT_STAGING_DIR
     artifacts_destination: str = DEFAULT_ARTIFACTS_DESTINATION
+    spool: bool = DEFAULT_SPOOL
+    spool_dir: str = DEFAULT_SPOOL_DIR
+    spool_sync_interval: float = DEFAULT_SPOOL_SYNC_INTERVAL
+    spool_limit: int = DEFAULT_SPOOL_LIMIT
+    spool_recover: bool = DEFAULT_SPOOL_RECOVER
 
     def __post_init__(self) -> None:
         for name in (
@@ -118,11 +134,21 @@ class EngineConfig:
             "max_in_flight",
             "multipart_threshold",
             "max_concurrent_uploads",
+            "spool_limit",
         ):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("flush_interval", "exit_timeout", "flush_timeout", "request_timeout"):
+        for name in ("spool", "spool_recover"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in (
+            "flush_interval",
+            "exit_timeout",
+            "flush_timeout",
+            "request_timeout",
+            "spool_sync_interval",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
@@ -139,7 +165,7 @@ class EngineConfig:
                 f"multipart_part_size must be an integer from {_MIN_PART_SIZE} (5 MiB) to "
                 f"{_MAX_PART_SIZE} (5 GiB) bytes, got {size!r}"
             )
-        for name in ("staging_dir", "artifacts_destination"):
+        for name in ("staging_dir", "artifacts_destination", "spool_dir"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
         destination = self.artifacts_destination
@@ -167,7 +193,14 @@ class EngineConfig:
         return cls(**values)
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _parse(env_name: str, raw: str, default: object) -> object:
+    if isinstance(default, bool):
+        if raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
+        raise ConfigError(f"{env_name} must be one of {', '.join(_TRUE + _FALSE)}, got {raw!r}")
     if isinstance(default, str):
         return raw.lower() if env_name in _CASE_INSENSITIVE else raw
     try:

@@ -4,6 +4,8 @@ experiment per test, and a client to read back what the server holds."""
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -18,6 +20,11 @@ if TYPE_CHECKING:
     from asynctrack.testing import MlflowServer
 
 pytest_plugins = ["asynctrack.testing"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every engine the tests start spools into this session's directory, not the user's.
+    os.environ.setdefault("ASYNCTRACK_SPOOL_DIR", tempfile.mkdtemp(prefix="asynctrack-spool-"))
 
 
 class Data(NamedTuple):

@@ -58,12 +58,14 @@ def check_key(key: object, what: str) -> str:
 
 
 def check_value(key: str, value: object) -> Any:
-    """Slow path for metric values that are not plain ``float``/``int``."""
+    """Slow path for metric values that are not plain ``float``/``int``: numpy scalars and
+    other real numbers become ``float`` here, as MLflow stores them, so the queue and the
+    spool hold only built-in types."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
             f"metric {key!r}: value must be a real number, got {type(value).__name__}: {value!r}"
         )
-    return value
+    return float(value)
 
 
 def check_step(key: str, step: object) -> int:
@@ -130,18 +132,25 @@ class Job:
     ``work(engine)`` is awaited on the worker's loop, where it may use the engine's
     ``run_blocking``, ``resources`` and ``exit_stack``; an exception it raises is reported
     at the next flush as a refusal of ``label`` (e.g. the artifact's path). Flushes and run
-    ends wait for jobs queued before them.
+    ends wait for jobs queued before them. ``spooled``, when given, is what the spool keeps
+    so ``asynctrack sync`` can redo the job after a crash: ``(staged file, artifact dir)``.
     """
 
-    __slots__ = ("kind", "label", "run_id", "work")
+    __slots__ = ("kind", "label", "run_id", "spooled", "work")
 
     def __init__(
-        self, run_id: str, kind: str, label: str, work: Callable[[Any], Awaitable[None]]
+        self,
+        run_id: str,
+        kind: str,
+        label: str,
+        work: Callable[[Any], Awaitable[None]],
+        spooled: tuple[str, str | None] | None = None,
     ) -> None:
         self.run_id = run_id
         self.kind = kind
         self.label = label
         self.work = work
+        self.spooled = spooled
 
 
 class Barrier:

@@ -314,7 +314,7 @@ def bench_memory(results: dict[str, float]) -> None:
         def end_run(self, *args: object) -> None:
             pass
 
-    engine = Engine("bench://memory", EngineConfig(flush_interval=3600), lambda u, t: Held())
+    engine = Engine("bench://memory", EngineConfig(flush_interval=3600, spool=False), lambda u, t: Held())
     run = Run("0" * 32, "0", "bench://memory", "", engine, None)
     tracker = MLflowExperimentTracker()
     tracker._run_var.set(run)

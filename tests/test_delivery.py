@@ -387,7 +387,7 @@ def test_deleted_run_with_many_events_is_reported_promptly(
     kept = client.create_run(experiment_id).info.run_id
     client.delete_run(doomed)
     # An engine of its own, so whatever it still holds afterwards is dropped with it.
-    engine = Engine(mlflow_server.url, EngineConfig(flush_interval=1000.0))
+    engine = Engine(mlflow_server.url, EngineConfig.resolve(flush_interval=1000.0))
     try:
         now = time.time()
         for i in range(1000):

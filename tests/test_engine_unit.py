@@ -390,7 +390,7 @@ def make_engine() -> Iterator[Any]:
     def make(**settings: Any) -> tuple[Engine, FakeTransport]:
         transport = FakeTransport()
         settings.setdefault("flush_interval", 1000.0)  # only flush() or a full queue sends
-        engine = Engine("fake://", EngineConfig(**settings), lambda uri, timeout: transport)
+        engine = Engine("fake://", EngineConfig.resolve(**settings), lambda u, t: transport)
         engines.append(engine)
         return engine, transport
 
@@ -448,7 +448,10 @@ def test_full_policy_block_waits_for_room(make_engine: Any) -> None:
 
 
 def test_full_policy_block_gives_up_at_the_deadline(make_engine: Any) -> None:
-    engine, transport = make_engine(queue_capacity=2, max_in_flight=1, flush_timeout=0.3)
+    # Without a spool: the worker's window (as large as the queue) and the queue fill up.
+    engine, transport = make_engine(
+        queue_capacity=2, max_in_flight=1, flush_timeout=0.3, spool=False
+    )
     transport.gate.clear()
     engine.put(metric(0, run_id="a"))
     engine.put(metric(0, run_id="b"))
@@ -457,15 +460,36 @@ def test_full_policy_block_gives_up_at_the_deadline(make_engine: Any) -> None:
     # The worker now waits for "a"'s request (held) before it can send "b"'s batch.
     assert transport.entered.wait(10)
     assert engine.stats().in_flight == 1
-    engine.put(metric(1, run_id="c"))
-    engine.put(metric(2, run_id="c"))
+    accepted = []
     with pytest.raises(QueueFullError, match="queue full"):
-        engine.put(metric(3, run_id="c"))
+        for i in range(1, 100):
+            engine.put(metric(i, run_id="c"))
+            accepted.append(("m", float(i), i))
+    assert 2 <= len(accepted) <= 4
     transport.gate.set()
     flusher.join(30)
     engine.flush(10)
-    assert transport.metrics("c") == [("m", 1.0, 1), ("m", 2.0, 2)]
-    assert len(transport.metrics()) == 4
+    assert transport.metrics("c") == accepted
+    assert len(transport.metrics()) == 2 + len(accepted)
+
+
+def test_with_a_spool_a_stuck_server_never_blocks_the_caller(make_engine: Any) -> None:
+    engine, transport = make_engine(queue_capacity=2, max_in_flight=1, flush_timeout=0.3)
+    transport.gate.clear()
+    engine.put(metric(0, run_id="a"))
+    flusher = threading.Thread(target=engine.flush, args=(60,))
+    flusher.start()
+    assert transport.entered.wait(10)  # "a"'s request is held: the sender is stuck
+    for i in range(1, 50_001):  # far beyond the queue and the worker's window
+        engine.put(metric(i, run_id="c"))
+    assert engine.stats().dropped == 0
+    assert engine._intake.backlog is not None  # the rest waits on disk only
+    transport.gate.set()
+    flusher.join(60)
+    engine.flush(60)
+    assert transport.metrics("c") == [("m", float(i), i) for i in range(1, 50_001)]
+    stats = engine.stats()
+    assert (stats.queued, stats.spooled) == (0, 0)
 
 
 def test_flush_timeout_keeps_events_queued(make_engine: Any) -> None:
@@ -630,7 +654,7 @@ SECRET_URI = "http://alice:s3cret-pw@127.0.0.1:1"
 def _engine_at(uri: str, **settings: Any) -> tuple[Engine, FakeTransport]:
     transport = FakeTransport()
     settings.setdefault("flush_interval", 1000.0)
-    engine = Engine(uri, EngineConfig(**settings), lambda uri, timeout: transport)
+    engine = Engine(uri, EngineConfig.resolve(**settings), lambda uri, timeout: transport)
     return engine, transport
 
 

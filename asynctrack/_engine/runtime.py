@@ -13,6 +13,7 @@ import atexit
 import multiprocessing
 import multiprocessing.util
 import os
+import shlex
 import sys
 import threading
 import time
@@ -121,10 +122,17 @@ def _close(engine: Engine, timeout: float) -> None:
     left = engine.close(timeout)
     if left:
         cause = engine.last_error()
+        spooled, where = engine.spooled(), engine.spool_dir()
+        kept = (
+            f"; {spooled} of them are kept in the spool {where}: run "
+            f"`asynctrack sync {shlex.quote(where)}` to send them"
+            if spooled
+            else ""
+        )
         sys.stderr.write(
             f"asynctrack: {left} event(s) could not be stored at {redact(engine.tracking_uri)} "
             f"before the {engine.config.exit_timeout:g} s exit deadline"
-            f"{'; last error: ' + cause if cause else ''}\n"
+            f"{'; last error: ' + cause if cause else ''}{kept}\n"
         )
 
 

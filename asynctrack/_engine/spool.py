@@ -135,9 +135,9 @@ class Writer:
             raise SpoolError(f"cannot create a spool in {root}: {exc.strerror or exc}") from None
         self.segment = 0
         self._fd = -1
-        self._size = 0
+        self.size = 0
         self.total_bytes = 0  # on disk, all segments of this writer
-        self._sizes: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
         self.open_segment()
 
     def open_segment(self) -> int:
@@ -152,16 +152,16 @@ class Writer:
         except OSError as exc:
             self._fd = -1
             raise SpoolError(f"cannot write the spool segment {path}: {exc.strerror}") from None
-        self._size = len(MAGIC)
-        self._sizes[self.segment] = self._size
-        self.total_bytes += self._size
+        self.size = len(MAGIC)
+        self.sizes[self.segment] = self.size
+        self.total_bytes += self.size
         return self.segment
 
     def path(self, segment: int) -> Path:
         return self.directory / f"{segment:08d}.seg"
 
     def full(self) -> bool:
-        return self._size >= self._segment_bytes
+        return self.size >= self._segment_bytes
 
     def append(self, record: bytes) -> None:
         """Write one encoded record to the current segment (raises SpoolError, names the path)."""
@@ -173,10 +173,10 @@ class Writer:
             raise SpoolError(f"cannot write {self.path(self.segment)}: {exc.strerror}") from None
         if written != len(record):  # a full disk can take part of it: cut the torn tail
             with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self._size)
+                os.ftruncate(self._fd, self.size)
             raise SpoolError(f"cannot write {self.path(self.segment)}: disk full")
-        self._size += written
-        self._sizes[self.segment] += written
+        self.size += written
+        self.sizes[self.segment] += written
         self.total_bytes += written
 
     def sync(self) -> None:
@@ -190,7 +190,7 @@ class Writer:
         """Remove a sealed segment whose events are all stored or reported."""
         with contextlib.suppress(FileNotFoundError):
             self.path(segment).unlink()
-        self.total_bytes -= self._sizes.pop(segment, 0)
+        self.total_bytes -= self.sizes.pop(segment, 0)
 
     def forget(self) -> None:
         """In a forked child: let go of the parent's files without touching them."""
@@ -245,41 +245,47 @@ class Segment:
     lost_bytes: int = 0  # bytes after the last good record
 
 
-def read_segment(path: Path, start: int = 0) -> Segment:
-    """Every good record of ``path`` from byte ``start`` (a record boundary)."""
-    data = path.read_bytes()
+def read_segment(path: Path, start: int = 0, limit: int | None = None) -> Segment:
+    """The good records of ``path`` from byte ``start`` (a record boundary); with ``limit``,
+    stop once that many events are read. Offsets in the result are the file's."""
     segment = Segment(path)
-    if data[: len(MAGIC)] != MAGIC:
-        version = data[len(MAGIC) - 1] if len(data) >= len(MAGIC) else None
+    begin = max(start, len(MAGIC))
+    with open(path, "rb") as file:
+        head = file.read(len(MAGIC))
+        file.seek(begin)
+        data = file.read()
+    if head != MAGIC:
         segment.damage = (
-            f"not an asynctrack spool segment of version {MAGIC[-1]} (version byte {version})"
-            if data[:7] == MAGIC[:7]
+            f"not an asynctrack spool segment of version {MAGIC[-1]} (version byte {head[-1]})"
+            if head[:7] == MAGIC[:7] and len(head) == len(MAGIC)
             else "not an asynctrack spool segment"
         )
-        segment.lost_bytes = len(data)
+        segment.lost_bytes = len(head) + len(data)
         return segment
-    offset = max(start, len(MAGIC))
-    while offset < len(data):
-        if offset + _HEADER.size > len(data):
-            segment.damage = "torn record header at the end"
+    pos, events_read = 0, 0
+    while pos < len(data) and (limit is None or events_read < limit):
+        at = begin + pos
+        if pos + _HEADER.size > len(data):
+            segment.damage = f"torn record header at byte {at}, the end"
             break
-        length, crc = _HEADER.unpack_from(data, offset)
-        body = offset + _HEADER.size
+        length, crc = _HEADER.unpack_from(data, pos)
+        body = pos + _HEADER.size
         if length > _MAX_RECORD or body + length > len(data):
-            segment.damage = f"record at byte {offset} runs past the end (torn write)"
+            segment.damage = f"record at byte {at} runs past the end (torn write)"
             break
         payload = data[body : body + length]
         if zlib.crc32(payload) != crc:
-            segment.damage = f"checksum mismatch in the record at byte {offset}"
+            segment.damage = f"checksum mismatch in the record at byte {at}"
             break
         try:
             events = decode(payload)
         except (ValueError, TypeError, IndexError, EOFError) as exc:
-            segment.damage = f"unreadable record at byte {offset}: {exc}"
+            segment.damage = f"unreadable record at byte {at}: {exc}"
             break
-        offset = body + length
-        segment.records.append((offset, events))
-    segment.lost_bytes = len(data) - offset if segment.damage else 0
+        pos = body + length
+        events_read += len(events)
+        segment.records.append((begin + pos, events))
+    segment.lost_bytes = len(data) - pos if segment.damage else 0
     return segment
 
 

@@ -23,6 +23,10 @@ class Stats:
     ``files_queued`` were captured and are not yet stored; ``files_uploaded`` were stored;
     ``files_retried`` counts uploads (or parts of one) sent again after a transient
     failure; ``files_failed`` could not be stored and were reported by ``flush()``.
+
+    The spool: ``spooled`` events are on local disk and not yet stored (they survive a
+    crash), ``spool_bytes`` is the size of their segments, and ``durable`` counts events
+    made durable (fsync'ed) so far.
     """
 
     queued: int = 0
@@ -40,6 +44,9 @@ class Stats:
     bytes_uploaded: int = 0
     bytes_retried: int = 0
     bytes_failed: int = 0
+    spooled: int = 0
+    spool_bytes: int = 0
+    durable: int = 0
 
     def __add__(self, other: Stats) -> Stats:
         mine, theirs = asdict(self), asdict(other)

@@ -24,10 +24,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
+from asynctrack._engine import spool
 from asynctrack._engine.batching import MAX_METRICS, pack_meta
 from asynctrack._engine.events import Barrier, Event, Job, MetaEvent, Metric, now_ms
+from asynctrack._engine.intake import Intake
 from asynctrack._engine.stats import Stats
 from asynctrack._engine.threads import DaemonPool
 from asynctrack._engine.transport import Refused, Transient, Transport, make_transport, redact
@@ -45,11 +48,10 @@ logger = logging.getLogger("asynctrack")
 T = TypeVar("T")
 
 _POLL = 0.05  # seconds between looks at the queue's length
-# Events taken off the queue between two yields of the GIL. The worker shares the GIL with
-# the training loop: when the loop comes back from numpy or torch (which release it), it
-# waits until the worker lets go, so the worker works in short slices.
-_CHUNK = 256
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.25, 8.0
+# Events held in memory for sending beyond the queue; past it, they wait in the spool.
+_WINDOW = 20_000
+_SEGMENT_BYTES = 8 * 1024 * 1024
 
 
 class State(enum.Enum):
@@ -74,7 +76,11 @@ class Engine:
 
     def _reset(self) -> None:
         """Fresh state: at construction, and in a forked child (the parent's events stay
-        the parent's)."""
+        the parent's, and so does its spool)."""
+        intake: Intake | None = getattr(self, "_intake", None)
+        if intake is not None and intake.writer is not None:
+            intake.writer.forget()
+        self._intake = Intake(deque(), None, _WINDOW)  # replaced when the worker starts
         self._buf: deque[Event] = deque()
         self._capacity = self.config.queue_capacity
         self._lock = threading.Lock()
@@ -144,6 +150,15 @@ class Engine:
         """Events accepted and not yet stored or refused (flush barriers are not events)."""
         return len(self._buf) - self._barriers + self._held
 
+    def spool_dir(self) -> str:
+        """Where this engine's spool is (empty without one)."""
+        writer = self._intake.writer
+        return str(writer.directory) if writer is not None else ""
+
+    def spooled(self) -> int:
+        """Events in the spool not yet stored."""
+        return self._intake.waiting
+
     def stats(self) -> Stats:
         from asynctrack._engine.stats import file_counters  # artifact uploads count apart
 
@@ -155,6 +170,9 @@ class Engine:
             dropped=self._dropped,
             batches_sent=self._batches,
             in_flight=self._in_flight,
+            spooled=self._intake.waiting,
+            spool_bytes=self._intake.writer.total_bytes if self._intake.writer else 0,
+            durable=self._intake.durable,
             **file_counters(self).snapshot(),
         )
 
@@ -199,18 +217,26 @@ class Engine:
         return taken
 
     def close(self, timeout: float) -> int:
-        """Send what is queued within ``timeout`` seconds, then stop; return what is left."""
+        """Send what is queued within ``timeout`` seconds, then stop; return what is left.
+
+        With a spool, part of the deadline is kept to write what is left to it: those
+        events stay there for ``asynctrack sync``.
+        """
         with self._lock:
             if self.state is not State.OPEN:
                 self.state = State.CLOSED
                 return 0
+        reserve = min(1.0, timeout / 5) if self._intake.writer is not None else 0.0
         with contextlib.suppress(FlushTimeoutError, DeliveryError):
-            self.flush(timeout)
+            self.flush(timeout - reserve)
         with self._lock:
             self.state = State.CLOSED
             self.open = False
-        left = self.pending()
         loop, task = self._loop, self._main_task
+        if loop is not None and self._intake.writer is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._close_spool(), loop).result(reserve)
+        left = self.pending()
         if loop is not None and task is not None:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(task.cancel)
@@ -260,8 +286,46 @@ class Engine:
         finally:
             loop.close()
 
+    def _open_spool(self) -> spool.Writer | None:
+        if not self.config.spool:
+            return None
+        root = Path(self.config.spool_dir) if self.config.spool_dir else spool.default_root()
+        try:
+            writer = spool.Writer(
+                root, redact(self.tracking_uri), _SEGMENT_BYTES, self.config.spool_limit
+            )
+        except spool.SpoolError as exc:
+            logger.warning("asynctrack: %s; events are kept in memory only until stored", exc)
+            return None
+        from asynctrack._engine.intake import report_orphans
+
+        report_orphans(root, self.config.spool_recover)
+        return writer
+
+    async def _close_spool(self) -> None:
+        """At exit: everything still queued goes to the spool, made durable."""
+        self._pull(everything=True)
+        await self.run_blocking(self._intake.sync)
+        self._intake.close()
+
+    def _pull(self, everything: bool = False) -> None:
+        intake = self._intake
+        taken, barriers = intake.taken, intake.barriers
+        intake.pull(everything)
+        self._held += intake.taken - taken
+        self._barriers -= intake.barriers - barriers
+        with self._room:
+            self._room.notify_all()
+
     async def _main(self, started: threading.Event) -> None:
         self._wake = asyncio.Event()
+        writer = self._open_spool()
+        # Without a spool the window is memory on top of the queue: keep it as bounded.
+        window = _WINDOW if writer is not None else min(_WINDOW, self._capacity)
+        self._intake = Intake(self._buf, writer, window)
+        self._batch_seg = self._intake.writer.segment if self._intake.writer else 0
+        self._pump_wake = asyncio.Event()
+        self._pump_due = False
         self._pool = DaemonPool(self.config.max_in_flight + 1, "asynctrack-send")
         self._slots = asyncio.Semaphore(self.config.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -273,7 +337,9 @@ class Engine:
         #: Per-worker state for jobs (an S3 client, say), closed when the worker stops.
         self.resources: dict[str, Any] = {}
         self.exit_stack = contextlib.AsyncExitStack()
+        pumper = asyncio.get_running_loop().create_task(self._pumper())
         started.set()
+        intake = self._intake
         try:
             poll = min(_POLL, self.config.flush_interval)
             last = time.monotonic()
@@ -281,52 +347,69 @@ class Engine:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), poll)
                 self._wake.clear()
+                # Taking never waits for the server, so callers find room while the
+                # sender is stuck; the spool takes what memory cannot.
+                self._pull()
+                if intake.sync_due(self.config.spool_sync_interval):
+                    await self.run_blocking(intake.sync)
                 due = self._urgent or time.monotonic() - last >= self.config.flush_interval
-                if due or len(self._buf) >= MAX_METRICS:
+                if due or intake.mem_events >= MAX_METRICS or intake.backlog is not None:
                     self._urgent = False
-                    try:
-                        await self._pump(due)
-                    except Exception:  # a bug must not kill the worker: log it, keep going
-                        logger.exception("asynctrack worker error")
+                    self._pump_due |= due
+                    self._pump_wake.set()
                     if due:
                         last = time.monotonic()
         finally:
+            pumper.cancel()
             self._pool.close()
             self._io_pool.close()
             with contextlib.suppress(Exception):
                 await self.exit_stack.aclose()
 
+    async def _pumper(self) -> None:
+        while True:
+            await self._pump_wake.wait()
+            self._pump_wake.clear()
+            due, self._pump_due = self._pump_due, False
+            try:
+                await self._pump(due)
+            except Exception:  # a bug must not kill the worker: log it, keep going
+                logger.exception("asynctrack worker error")
+
     async def _pump(self, due: bool) -> None:
-        buf = self._buf
-        while buf:
-            for _ in range(min(len(buf), _CHUNK)):
-                event = buf.popleft()
+        intake = self._intake
+        while True:
+            if not intake.mem:
+                intake.read_backlog()
+                if not intake.mem:
+                    break
+            segment, chunk = intake.mem.popleft()
+            intake.mem_events -= len(chunk)
+            if segment != self._batch_seg:
+                # every partial batch belongs to one spool segment, acknowledged as a whole
+                await self._dispatch_all()
+                self._batch_seg = segment
+            for event in chunk:
                 if type(event) is tuple:
-                    self._held += 1
                     batch = self._metrics.setdefault(event[0], [])
                     batch.append(event)
                     if len(batch) >= MAX_METRICS:
                         del self._metrics[event[0]]
                         await self._dispatch_metrics(event[0], batch)
                 elif isinstance(event, MetaEvent):
-                    self._held += 1
                     if event.kind == "end":
                         await self._settle()
                         await self._end_run(event)
                     else:
                         self._meta.setdefault(event.run_id, []).append(event)
                 elif isinstance(event, Job):
-                    self._held += 1
                     self._start_job(event)
                 elif isinstance(event, Barrier):
-                    self._barriers -= 1
                     await self._settle()
                     event.future.set_result(None)
-            with self._room:
-                self._room.notify_all()
-            await asyncio.sleep(0)  # the loop's select() releases the GIL for the caller
-            if not due and len(buf) < MAX_METRICS:
-                break
+            # Between chunks (256 events), the loop's select() releases the GIL for the
+            # training loop, which waits for it when it comes back from numpy or torch.
+            await asyncio.sleep(0)
         if due:
             await self._dispatch_all()
 
@@ -337,6 +420,7 @@ class Engine:
             await asyncio.gather(*self._tasks, *self._jobs)
 
     async def _dispatch_all(self) -> None:
+        segment = self._batch_seg
         metrics, self._metrics = self._metrics, {}
         for run_id, batch in metrics.items():
             await self._dispatch_metrics(run_id, batch)
@@ -347,11 +431,12 @@ class Engine:
             folded = len(events) - sum(len(b) for b in batches)
             self._held -= folded
             self._sent += folded
+            self._intake.ack(segment, folded)
             for meta_batch in batches:
-                await self._spawn(self._send_meta(run_id, meta_batch.events()))
+                await self._spawn(self._send_meta(run_id, meta_batch.events(), segment))
 
     async def _dispatch_metrics(self, run_id: str, batch: list[Metric]) -> None:
-        await self._spawn(self._send_metrics(run_id, batch))
+        await self._spawn(self._send_metrics(run_id, batch, self._batch_seg))
 
     async def _spawn(self, coro: Any) -> None:
         await self._slots.acquire()  # back-pressure: never more than max_in_flight requests
@@ -366,17 +451,19 @@ class Engine:
             logger.error("asynctrack send failed", exc_info=task.exception())
 
     def _start_job(self, job: Job) -> None:
-        task = asyncio.get_running_loop().create_task(self._run_job(job))
+        task = asyncio.get_running_loop().create_task(self._run_job(job, self._batch_seg))
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
 
-    async def _run_job(self, job: Job) -> None:
+    async def _run_job(self, job: Job, segment: int) -> None:
         try:
             await job.work(self)
         except Exception as exc:  # reported at the next flush, named by the job's label
-            self._refuse([Rejection(job.run_id, job.kind, job.label, str(exc) or repr(exc))])
+            reason = str(exc) or repr(exc)
+            self._refuse([Rejection(job.run_id, job.kind, job.label, reason)], segment)
         else:
             self._held -= 1
+            self._intake.ack(segment, 1)
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:
         """For jobs: run a blocking call on a daemon thread (never the metric senders')."""
@@ -386,47 +473,52 @@ class Engine:
         """For jobs: remember why a retry happened, for timeout and exit messages."""
         self._last_error = reason
 
-    async def _send_metrics(self, run_id: str, batch: Sequence[Metric]) -> None:
+    async def _send_metrics(self, run_id: str, batch: Sequence[Metric], segment: int) -> None:
         refused = await self._attempt(
             len(batch), lambda: self._transport.log_batch(run_id, batch, (), ())
         )
         if refused is None:
-            self._stored(len(batch))
+            self._stored(len(batch), segment)
         elif refused.splittable and len(batch) > 1:
             half = len(batch) // 2
-            await self._send_metrics(run_id, batch[:half])
-            await self._send_metrics(run_id, batch[half:])
+            await self._send_metrics(run_id, batch[:half], segment)
+            await self._send_metrics(run_id, batch[half:], segment)
         else:
-            self._refuse([Rejection(run_id, "metric", m[1], refused.reason) for m in batch])
+            reason = refused.reason
+            self._refuse([Rejection(run_id, "metric", m[1], reason) for m in batch], segment)
 
-    async def _send_meta(self, run_id: str, events: Sequence[MetaEvent]) -> None:
+    async def _send_meta(self, run_id: str, events: Sequence[MetaEvent], segment: int) -> None:
         lock = self._run_locks.setdefault(run_id, asyncio.Lock())
         async with lock:  # FIFO: batches of one run land in the order they were made
-            await self._send_meta_unlocked(run_id, events)
+            await self._send_meta_unlocked(run_id, events, segment)
 
-    async def _send_meta_unlocked(self, run_id: str, events: Sequence[MetaEvent]) -> None:
+    async def _send_meta_unlocked(
+        self, run_id: str, events: Sequence[MetaEvent], segment: int
+    ) -> None:
         params = [(e.key, e.value) for e in events if e.kind == "param"]
         tags = [(e.key, e.value) for e in events if e.kind == "tag"]
         refused = await self._attempt(
             len(events), lambda: self._transport.log_batch(run_id, (), params, tags)
         )
         if refused is None:
-            self._stored(len(events))
+            self._stored(len(events), segment)
         elif refused.splittable and len(events) > 1:
             half = len(events) // 2
-            await self._send_meta_unlocked(run_id, events[:half])
-            await self._send_meta_unlocked(run_id, events[half:])
+            await self._send_meta_unlocked(run_id, events[:half], segment)
+            await self._send_meta_unlocked(run_id, events[half:], segment)
         else:
-            self._refuse([Rejection(run_id, e.kind, e.key, refused.reason) for e in events])
+            reason = refused.reason
+            self._refuse([Rejection(run_id, e.kind, e.key, reason) for e in events], segment)
 
     async def _end_run(self, event: MetaEvent) -> None:
-        run_id, status = event.run_id, event.value
+        run_id, status, segment = event.run_id, event.value, self._batch_seg
         refused = await self._attempt(1, lambda: self._transport.end_run(run_id, status, now_ms()))
         self._run_locks.pop(run_id, None)
         if refused is None:
             self._held -= 1
+            self._intake.ack(segment, 1)
         else:
-            self._refuse([Rejection(run_id, "run", "status", refused.reason)])
+            self._refuse([Rejection(run_id, "run", "status", refused.reason)], segment)
 
     async def _attempt(self, count: int, call: Callable[[], None]) -> Refused | None:
         """Send until stored or refused, backing off with jitter while the server is away."""
@@ -446,14 +538,16 @@ class Engine:
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, _BACKOFF_MAX)
 
-    def _stored(self, count: int) -> None:
+    def _stored(self, count: int, segment: int) -> None:
         self._held -= count
         self._sent += count
         self._batches += 1
+        self._intake.ack(segment, count)
 
-    def _refuse(self, rejections: list[Rejection]) -> None:
+    def _refuse(self, rejections: list[Rejection], segment: int) -> None:
         self._held -= len(rejections)
         self._rejected += len(rejections)
+        self._intake.ack(segment, len(rejections))
         self._last_error = rejections[0].reason
         with self._lock:
             self._rejections.extend(rejections)

@@ -1,0 +1,229 @@
+"""Intake: from the callers' queue to the worker's window, through the spool.
+
+The worker's intake takes every event off the callers' deque a few times a second, appends
+it to the spool (one record per chunk) and keeps it in an in-memory window for sending.
+Taking never waits for the server: when the window is full (the server is slow or away),
+events go to the spool only, and the worker reads them back from disk, in order, once the
+window has room again. So a long outage costs disk, not the caller's time, and memory
+stays bounded. Without a spool, intake stops at a full window and callers meet the
+queue's capacity as before.
+
+Each event is counted against the spool segment it was written to; a segment is removed
+once it is sealed and all its events are stored or reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shlex
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from asynctrack._engine import spool
+from asynctrack._engine.events import Barrier, Event, Job
+
+logger = logging.getLogger("asynctrack")
+
+CHUNK = 256  # events per spool record, and per slice of worker time between GIL yields
+
+Position = tuple[int, int]  # (segment, byte offset)
+
+
+class Intake:
+    def __init__(self, buf: deque[Event], writer: spool.Writer | None, window: int) -> None:
+        self.buf = buf
+        self.writer = writer
+        self.window = window
+        #: (segment, events) ready for the sender; segment 0: not spooled.
+        self.mem: deque[tuple[int, list[Any]]] = deque()
+        self.mem_events = 0
+        #: The first record not in memory, while a backlog is on disk only.
+        self.backlog: Position | None = None
+        self._backlog_barriers: deque[tuple[Position, Barrier]] = deque()
+        self.outstanding: dict[int, int] = {}
+        self.taken = 0  # events taken off the deque (barriers not counted)
+        self.barriers = 0  # barriers taken off the deque
+        self.spooled = 0  # events written to the spool, ever
+        self.durable = 0  # events fsync'ed, ever
+        self._last_sync = time.monotonic()
+        self.error = ""  # the last spool failure, for messages
+
+    # ------------------------------------------------------------------ taking
+
+    def pull(self, everything: bool = False) -> None:
+        """Take what is queued. ``everything``: also past the window (at exit, to disk)."""
+        buf = self.buf
+        while buf:
+            if self.writer is None and self.mem_events >= self.window and not everything:
+                return  # no spool: callers meet the queue's capacity
+            chunk = [buf.popleft() for _ in range(min(len(buf), CHUNK))]
+            barriers = sum(1 for e in chunk if type(e) is Barrier)
+            self.barriers += barriers
+            self.taken += len(chunk) - barriers
+            at = self._spool(chunk, len(chunk) - barriers)
+            if at is None:  # not spooled: memory is the only copy
+                self._keep(0, chunk)
+            elif self.backlog is None and self.mem_events < self.window:
+                self._keep(at[0], chunk)
+            else:
+                self._spill(at, chunk)
+
+    def _spool(self, chunk: list[Event], count: int) -> tuple[int, int, int] | None:
+        """Append ``chunk`` as one record; return (segment, its start, its end), or None."""
+        writer = self.writer
+        if writer is None:
+            return None
+        try:
+            if writer.full():
+                writer.open_segment()
+                self._seal(writer.segment - 1)
+            start = writer.size
+            if count:
+                writer.append(spool.encode(chunk))
+        except spool.SpoolError as exc:
+            if str(exc) != self.error:
+                logger.warning("asynctrack: %s; events are kept in memory only", exc)
+            self.error = str(exc)
+            return None
+        segment = writer.segment
+        self.outstanding[segment] = self.outstanding.get(segment, 0) + count
+        self.spooled += count
+        return segment, start, writer.size
+
+    def _keep(self, segment: int, events: list[Any]) -> None:
+        self.mem.append((segment, events))
+        self.mem_events += len(events)
+
+    def _spill(self, at: tuple[int, int, int], chunk: list[Event]) -> None:
+        """The chunk stays on disk only; barriers and jobs wait in memory for their turn."""
+        segment, start, end = at
+        if self.backlog is None:
+            self.backlog = (segment, start)
+        for event in chunk:
+            if type(event) is Barrier:
+                self._backlog_barriers.append(((segment, end), event))
+            elif isinstance(event, Job):
+                # A job's work is code, not data: it runs from memory. Uploads are
+                # independent of the events around them; run ends wait for all jobs.
+                self._keep(segment, [event])
+
+    def read_backlog(self) -> None:
+        """Bring records of the backlog into memory, up to the window, in order."""
+        writer = self.writer
+        while self.backlog is not None and writer is not None and self.mem_events < self.window:
+            segment, offset = self.backlog
+            if segment < writer.segment and offset >= writer.sizes.get(segment, 0):
+                self.backlog = (segment + 1, len(spool.MAGIC))
+                continue
+            if segment == writer.segment and offset >= writer.size:
+                self.backlog = None  # caught up: back to sending straight from memory
+                break
+            read = spool.read_segment(writer.path(segment), start=offset, limit=self.window)
+            if read.damage or not read.records:
+                logger.error("asynctrack: spool %s unreadable (%s)", read.path, read.damage)
+                self.error = f"spool segment {read.path} unreadable: {read.damage}"
+                self.backlog = (segment + 1, len(spool.MAGIC))
+                continue
+            for end, events in read.records:
+                # artifact records are handled by their jobs, which ran from memory
+                self._keep(segment, [e for e in events if not isinstance(e, spool.Artifact)])
+                self.backlog = (segment, end)
+                while self._backlog_barriers and self._backlog_barriers[0][0] <= (segment, end):
+                    self._keep(segment, [self._backlog_barriers.popleft()[1]])
+        if self.backlog is None:
+            while self._backlog_barriers:
+                self._keep(0, [self._backlog_barriers.popleft()[1]])
+
+    # ------------------------------------------------------------------ settling
+
+    def ack(self, segment: int, count: int) -> None:
+        """``count`` events of ``segment`` are stored or reported."""
+        if not segment:
+            return
+        left = self.outstanding[segment] = self.outstanding.get(segment, 0) - count
+        if left <= 0:
+            self._seal(segment)
+
+    def _seal(self, segment: int) -> None:
+        """Drop ``segment`` if it is complete, settled, and behind the backlog."""
+        writer = self.writer
+        if writer is None or self.outstanding.get(segment, 0) > 0:
+            return
+        if segment >= writer.segment:
+            return  # still being written
+        if self.backlog is not None and segment >= self.backlog[0]:
+            return  # still to be read back
+        self.outstanding.pop(segment, None)
+        writer.drop(segment)
+
+    @property
+    def waiting(self) -> int:
+        """Events in the spool not yet stored."""
+        return sum(n for n in self.outstanding.values() if n > 0)
+
+    # ------------------------------------------------------------------ durability
+
+    def sync_due(self, interval: float) -> bool:
+        return (
+            self.writer is not None
+            and self.durable < self.spooled
+            and time.monotonic() - self._last_sync >= interval
+        )
+
+    def sync(self) -> None:
+        """fsync (on a worker thread): everything spooled before the call becomes durable."""
+        target = self.spooled
+        self._last_sync = time.monotonic()
+        if self.writer is not None:
+            self.writer.sync()
+        self.durable = max(self.durable, target)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(OSError):
+                self.writer.close(empty=self.waiting == 0)
+
+
+_reported: set[str] = set()
+
+
+def report_orphans(root: Path, recover: bool) -> None:
+    """Say on stderr (once per process) when spools of processes that died wait under
+    ``root``; with ``recover``, replay them on a background thread."""
+    key = str(root)
+    if key in _reported:
+        return
+    _reported.add(key)
+    orphans = [d for d in spool.scan(root) if not d.alive and d.segments]
+    if not orphans:
+        return
+    size = sum(d.size for d in orphans)
+    if recover:
+        sys.stderr.write(
+            f"asynctrack: replaying {len(orphans)} spool(s) left by processes that ended "
+            f"({size} bytes) from {root}\n"
+        )
+        threading.Thread(target=_recover, args=(root,), name="asynctrack-recover").start()
+        return
+    sys.stderr.write(
+        f"asynctrack: {len(orphans)} spool(s) left by processes that ended hold events not "
+        f"yet stored ({size} bytes) in {root}; run `asynctrack sync {shlex.quote(key)}` "
+        "to send them\n"
+    )
+
+
+def _recover(root: Path) -> None:
+    from asynctrack._engine.replay import replay
+
+    try:
+        report = replay(root)
+    except Exception:
+        logger.exception("asynctrack: replaying the spools in %s failed", root)
+        return
+    if not report.ok:
+        logger.warning("asynctrack: spool replay from %s: %s", root, report)

@@ -1,4 +1,5 @@
-"""The ``asynctrack`` command: the demo, run queries, the model registry and plots."""
+"""The ``asynctrack`` command: the demo, run queries, the model registry, plots, and the
+spool's crash recovery (``sync``, ``status``)."""
 
 from __future__ import annotations
 
@@ -163,6 +164,132 @@ def plot(experiment: str, metric: str, run_name: str | None, output: Path | None
     output = output or Path(f"{experiment}-{metric}.png".replace("/", "_"))
     plot_metric(experiment, metric, output, run_name)
     click.echo(f"wrote {output}")
+
+
+def _spool_root(spool_dir: Path | None) -> Path:
+    if spool_dir is not None:
+        return spool_dir
+    from asynctrack._engine import spool
+    from asynctrack.errors import ConfigError
+
+    try:
+        configured = config.EngineConfig.resolve().spool_dir
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    return Path(configured) if configured else spool.default_root()
+
+
+_SPOOL_DIR = click.argument(
+    "spool_dir", required=False, type=click.Path(file_okay=False, path_type=Path)
+)
+
+
+@main.command()
+@_SPOOL_DIR
+@click.option(
+    "--status",
+    "end_status",
+    type=click.Choice(["FAILED", "FINISHED", "KILLED", "none"], case_sensitive=False),
+    default="FAILED",
+    show_default=True,
+    help="End runs whose process died before ending them with this status if the server "
+    "still shows them RUNNING (none: leave them RUNNING).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Seconds to keep retrying while the server does not answer; what is not sent by "
+    "then stays in the spool.",
+)
+@click.pass_context
+def sync(ctx: click.Context, spool_dir: Path | None, end_status: str, timeout: float) -> None:
+    """Send what crashed processes left in the spool (SPOOL_DIR: the spool root or one
+    writer's directory; default: the configured spool). Exits 1 unless all was stored."""
+    from click.core import ParameterSource
+
+    from asynctrack._engine import replay
+
+    root = _spool_root(spool_dir)
+    # Each directory names the server its events belong to; only an explicit --tracking-uri
+    # overrides it, not an MLFLOW_TRACKING_URI that happens to be set.
+    override = None
+    if (
+        ctx.parent
+        and ctx.parent.get_parameter_source("tracking_uri") == ParameterSource.COMMANDLINE
+    ):
+        override = ctx.parent.params.get("tracking_uri")
+    found = replay.status(root)
+    waiting = sum(d.events for d in found if not d.alive)
+    end = None if end_status.lower() == "none" else end_status.upper()
+    if not found:
+        click.echo(f"nothing waiting in {root}")
+        return
+    # a bar on a terminal; elsewhere (a log) click shows the label once
+    with click.progressbar(
+        length=max(waiting, 1),
+        label=f"replaying {waiting} events from {root}",
+        file=click.get_text_stream("stderr"),
+    ) as bar:
+        report = replay.replay(
+            root, status=end, tracking_uri=override, timeout=timeout, progress=bar.update
+        )
+    refused = len(report.refused)
+    reasons = sorted({r.reason for r in report.refused})[:3]
+    click.echo(
+        f"stored {report.stored} events, refused {refused}"
+        + (f" ({'; '.join(reasons)})" if reasons else "")
+        + f", {report.left} left"
+    )
+    for rejection in report.refused[:10]:
+        click.echo(f"  refused: {rejection}")
+    if refused > 10:
+        click.echo(f"  ... and {refused - 10} more")
+    if report.ended_runs:
+        click.echo(f"runs ended {end} (their process died first): {', '.join(report.ended_runs)}")
+    if report.open_runs:
+        click.echo(f"runs left RUNNING (no end recorded): {', '.join(report.open_runs)}")
+    for line in report.damaged:
+        click.echo(f"damaged: {line}")
+    for line in report.skipped:
+        click.echo(f"skipped: {line}")
+    for line in report.errors:
+        click.echo(f"error: {line}", err=True)
+    if not report.ok:
+        ctx.exit(1)
+
+
+@main.command()
+@_SPOOL_DIR
+def status(spool_dir: Path | None) -> None:
+    """What the spool holds, one line per writer directory (SPOOL_DIR: default the
+    configured spool)."""
+    import time
+
+    from asynctrack._engine import replay
+
+    root = _spool_root(spool_dir)
+    found = replay.status(root)
+    if not found:
+        click.echo(f"nothing waiting in {root}")
+        return
+    click.echo(f"spool: {root}")
+    rows = [("directory", "pid", "host", "state", "segments", "bytes", "events", "since", "runs")]
+    for d in found:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.since)) if d.since else "-"
+        runs = ", ".join(d.runs[:3]) + (f" (+{len(d.runs) - 3})" if len(d.runs) > 3 else "")
+        state = "writing" if d.alive else "dead"
+        rows.append((d.directory.name, str(d.pid or "?"), d.host, state, str(d.segments),
+                     str(d.bytes), str(d.events), since, runs or "-"))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        click.echo(
+            "  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
+        )
+    for d in found:
+        for damage in d.damage:
+            click.echo(f"damaged: {d.directory.name}/{damage}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ decoded, so a damaged byte never reaches ``marshal``.
 
 Events in a record: a metric is ``(run_id, key, value, time_s, step)``, the tuple as
 queued; ``("p"|"t", run_id, key, value)`` for params and tags, ``("e", run_id, status)``
-for a run's end and ``("a", run_id, staged_file, artifact_dir)`` for an artifact upload.
+for a run's end, ``("a", run_id, staged, artifact_dir)`` for an artifact upload (``staged``
+a file, or a staging area laid out as run-relative paths) and ``("d", run_id, staged)``
+once the writer has finished that upload (stored or reported), so ``sync`` skips it.
 ``marshal`` writes a chunk of plain tuples at about 0.1 us an event and 40 bytes (a run id
 repeated is written once); JSON took 1.3 us and 80 bytes.
 
@@ -91,7 +93,20 @@ class Artifact:
     artifact_path: str | None
 
 
-Spooled = Any  # a metric tuple, a MetaEvent or an Artifact
+@dataclass(frozen=True)
+class ArtifactDone:
+    """The writer finished the upload of ``path`` (stored, or reported to the user)."""
+
+    run_id: str
+    path: str
+
+
+def done_record(run_id: str, path: str) -> bytes:
+    payload = marshal.dumps([("d", run_id, path)], 4)
+    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+Spooled = Any  # a metric tuple, a MetaEvent, an Artifact or an ArtifactDone
 
 
 def decode(payload: bytes) -> list[Spooled]:
@@ -103,6 +118,8 @@ def decode(payload: bytes) -> list[Spooled]:
             events.append(MetaEvent("end", item[1], "status", item[2]))
         elif item[0] == "a":
             events.append(Artifact(item[1], item[2], item[3]))
+        elif item[0] == "d":
+            events.append(ArtifactDone(item[1], item[2]))
         else:
             events.append(MetaEvent("param" if item[0] == "p" else "tag", *item[1:]))
     return events
@@ -118,10 +135,14 @@ class Writer:
         self.root = root
         self._segment_bytes = segment_bytes
         self._limit = limit_bytes
+        self._lock_fd = -1
         try:
             root.mkdir(parents=True, exist_ok=True, mode=0o700)
             name = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns() // 1_000_000}"
             self.directory = _fresh_dir(root, name)
+        except OSError as exc:
+            raise SpoolError(f"cannot create a spool in {root}: {exc.strerror or exc}") from None
+        try:
             self._lock_fd = os.open(self.directory / "lock", os.O_CREAT | os.O_RDWR, 0o600)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             owner = {
@@ -131,7 +152,8 @@ class Writer:
                 "tracking_uri": tracking_uri,
             }
             _write_private(self.directory / "owner.json", json.dumps(owner).encode())
-        except OSError as exc:
+        except OSError as exc:  # leave nothing that looks like a spool behind
+            self.close(empty=True)
             raise SpoolError(f"cannot create a spool in {root}: {exc.strerror or exc}") from None
         self.segment = 0
         self._fd = -1
@@ -197,11 +219,11 @@ class Writer:
         for fd in (self._fd, self._lock_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._fd = -1
+        self._fd = self._lock_fd = -1
 
     def close(self, empty: bool) -> None:
         """Stop writing; with ``empty`` (nothing left to store) remove the directory."""
-        if self._fd >= 0:
+        if getattr(self, "_fd", -1) >= 0:
             os.close(self._fd)
             self._fd = -1
         if empty:
@@ -210,7 +232,9 @@ class Writer:
                     entry.unlink()
             with contextlib.suppress(OSError):
                 self.directory.rmdir()
-        os.close(self._lock_fd)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
 
 def _fresh_dir(root: Path, name: str) -> Path:
@@ -314,7 +338,7 @@ def scan(root: Path) -> list[SpoolDir]:
     found: list[SpoolDir] = []
     if not root.is_dir():
         return found
-    for directory in sorted(root.iterdir(), key=lambda d: d.name):
+    for directory in root.iterdir():
         if not directory.is_dir() or not (directory / "lock").exists():
             continue
         try:
@@ -324,7 +348,12 @@ def scan(root: Path) -> list[SpoolDir]:
         found.append(
             SpoolDir(directory, owner, not _lock_free(directory), sorted(directory.glob("*.seg")))
         )
-    return found
+    return sorted(found, key=_started)
+
+
+def _started(found: SpoolDir) -> tuple[float, str]:
+    value = found.owner.get("started")
+    return (float(value) if isinstance(value, (int, float)) else 0.0, found.directory.name)
 
 
 def _lock_free(directory: Path) -> bool:

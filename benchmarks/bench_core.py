@@ -9,7 +9,9 @@ Run by hand: ``python benchmarks/bench_core.py``. It starts an MLflow server (sq
 - end to end: metrics/s from the first call until flushed;
 - a training-like loop (about 1 ms of numpy work and 10 metrics a step) against the same
   loop without logging;
-- memory per buffered metric (tracemalloc, with the sender held back).
+- memory per buffered metric (tracemalloc, with the sender held back);
+- the spool: caller cost and loop slowdown with it off (it is on by default), its bytes
+  per metric and how fast the worker writes it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +37,8 @@ from mlflow.entities import Metric
 
 import asynctrack
 from asynctrack import MLflowExperimentTracker
+from asynctrack._engine import spool
+from asynctrack._engine.intake import Intake
 from asynctrack._engine.worker import Engine
 from asynctrack._runs import Run
 from asynctrack.config import EngineConfig
@@ -57,6 +62,40 @@ def per_call_us(
         fn(calls)
         samples.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(samples)
+
+
+def _spool_off_uri(server_url: str) -> str:
+    """The same server under another name, so it gets its own engine, without a spool."""
+    return server_url.replace("127.0.0.1", "localhost")
+
+
+def bench_spool(experiment: str, server_url: str, results: dict[str, float]) -> None:
+    """Caller cost with the spool off (the default engine has it on), the spool's size per
+    metric, and how fast the worker's intake writes it (encoding, writes and an fsync)."""
+    tracker = MLflowExperimentTracker(experiment, tracking_uri=_spool_off_uri(server_url))
+    with tracker.start_run(run_name="asynctrack-caller-cost-spool-off"):
+        log_metric = tracker.log_metric
+
+        def metric_loop(n: int) -> None:
+            for i in range(n):
+                log_metric("loss", 0.5, step=i)
+
+        results["asynctrack log_metric us, spool off"] = per_call_us(
+            metric_loop, CALLS, settle=lambda: tracker.flush(600)
+        )
+        tracker.flush(600)
+
+    run_id, now = "0123456789abcdef0123456789abcdef", time.time()
+    metrics = [(run_id, f"metric_{i % 10}", 0.1 * i, now + i / 1e4, i) for i in range(1_000_000)]
+    results["spool bytes per metric"] = len(spool.encode(metrics[:256])) / 256
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = spool.Writer(Path(tmp), "bench://", 8 * 1024 * 1024, 2**40)
+        intake = Intake(deque(metrics), writer, window=0)
+        start = time.perf_counter()
+        intake.pull(everything=True)
+        intake.sync()
+        results["spool write rate, metrics/s"] = len(metrics) / (time.perf_counter() - start)
+        writer.close(empty=True)
 
 
 def bench_asynctrack(experiment: str, results: dict[str, float]) -> None:
@@ -183,13 +222,18 @@ def bench_training_loop(
 
         loop(None)  # warm up
         tracker = MLflowExperimentTracker(experiment_name=experiment)
-        for label, pin in (("", False), (", server on its own core", True)):
+        no_spool = MLflowExperimentTracker(experiment, tracking_uri=_spool_off_uri(server_url))
+        for label, pin, logger in (
+            ("", False, tracker),
+            (", server on its own core", True, tracker),
+            (", server on its own core, spool off", True, no_spool),
+        ):
             base, logged = [], []
-            with tracker.start_run(run_name="training-loop" + label), _pinned(server_pid, pin):
+            with logger.start_run(run_name="training-loop" + label), _pinned(server_pid, pin):
                 for _ in range(5):
                     base.append(loop(None))
-                    logged.append(loop(lambda m, s: tracker.log_metrics(m, step=s)))
-                    tracker.flush(600)
+                    logged.append(loop(logger.log_metrics))
+                    logger.flush(600)
             b, t = statistics.median(base), statistics.median(logged)
             results[f"training loop step ms (no logging){label}"] = b / steps * 1e3
             results[f"training loop slowdown %{label}"] = (t - b) / b * 100
@@ -314,7 +358,9 @@ def bench_memory(results: dict[str, float]) -> None:
         def end_run(self, *args: object) -> None:
             pass
 
-    engine = Engine("bench://memory", EngineConfig(flush_interval=3600, spool=False), lambda u, t: Held())
+    engine = Engine(
+        "bench://memory", EngineConfig(flush_interval=3600, spool=False), lambda u, t: Held()
+    )
     run = Run("0" * 32, "0", "bench://memory", "", engine, None)
     tracker = MLflowExperimentTracker()
     tracker._run_var.set(run)
@@ -338,7 +384,9 @@ def main() -> None:
         print(
             f"MLflow {mlflow.__version__} server at {server.url}, python {sys.version.split()[0]}"
         )
+        asynctrack.configure_engine(_spool_off_uri(server.url), spool=False)
         bench_asynctrack("bench-asynctrack", results)
+        bench_spool("bench-asynctrack", server.url, results)
         assert server.pid is not None
         bench_training_loop("bench-loop", server.url, server.pid, results)
         bench_mlflow("bench-mlflow", results)

@@ -690,3 +690,63 @@ def test_error_messages_hide_credentials() -> None:
     assert "s3cret" not in str(timeout.value)
     assert "s3cret" not in repr(engine)
     assert "http://***@127.0.0.1:1" in str(timeout.value)
+
+
+# ---------------------------------------------------------------------------- the spool
+
+
+def test_spool_limit_reached_makes_callers_wait_and_says_why(
+    make_engine: Any, tmp_path: Any
+) -> None:
+    engine, transport = make_engine(
+        queue_capacity=10,
+        max_in_flight=1,
+        flush_timeout=0.5,
+        spool_dir=str(tmp_path),
+        spool_limit=20_000,
+    )
+    transport.gate.clear()
+    engine.put(metric(0, run_id="a"))
+    flusher = threading.Thread(target=engine.flush, args=(60,))
+    flusher.start()
+    assert transport.entered.wait(10)
+    accepted = 0
+    with pytest.raises(QueueFullError, match="spool limit of 20000 bytes reached") as info:
+        for i in range(1, 200_000):
+            engine.put(metric(i, run_id="c"))
+            accepted += 1
+    assert str(tmp_path) in str(info.value)
+    transport.gate.set()
+    flusher.join(60)
+    engine.flush(60)
+    assert len(transport.metrics("c")) == accepted  # nothing accepted was lost
+
+
+def test_unusable_spool_dir_warns_naming_it_and_keeps_events_in_memory(
+    make_engine: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the spool's directory should be")
+    engine, transport = make_engine(spool_dir=str(blocked))
+    for i in range(100):
+        engine.put(metric(i))
+    engine.flush(10)
+    assert transport.metrics() == [("m", float(i), i) for i in range(100)]
+    assert any(str(blocked) in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert engine.spool_dir() == ""
+
+
+def test_spool_files_are_owner_only_and_gone_once_stored(make_engine: Any, tmp_path: Any) -> None:
+    import stat
+
+    engine, _ = make_engine(spool_dir=str(tmp_path))
+    for i in range(10):
+        engine.put(metric(i))
+    engine.flush(10)
+    directory = tmp_path / engine.spool_dir().rsplit("/", 1)[-1]
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    for entry in directory.iterdir():
+        assert stat.S_IMODE(entry.stat().st_mode) == 0o600, entry
+    assert engine.stats().durable <= engine.stats().sent
+    engine.close(5)
+    assert not directory.exists()  # everything stored: the directory is removed

@@ -11,7 +11,7 @@ import base64
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from mlflow.utils.credentials import get_default_host_creds
@@ -22,8 +22,8 @@ from asynctrack._engine.transport import RestTransport, Transient
 
 class _Recorder(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    seen: list[tuple[str, dict[str, str], bytes]] = []
-    close_after: set[int] = set()  # request numbers after which the connection is dropped
+    seen: ClassVar[list[tuple[str, dict[str, str], bytes]]] = []
+    close_after: ClassVar[set[int]] = set()  # request numbers after which the server closes
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))

@@ -55,7 +55,9 @@ def queue_files(run: Any, kind: str, label: str, area: Path, files: list[StagedF
     counters = file_counters(engine)
     counters.queued(len(files), sum(f.size for f in files))
     try:
-        engine.put(Job(run.run_id, kind, label, work))
+        # The spool keeps the area: laid out as run-relative paths, it is all that
+        # `asynctrack sync` needs to upload what a crash left behind.
+        engine.put(Job(run.run_id, kind, label, work, spooled=(str(area), None)))
     except BaseException:
         counters.queued(-len(files), -sum(f.size for f in files))
         staging.remove(area)
@@ -63,10 +65,16 @@ def queue_files(run: Any, kind: str, label: str, area: Path, files: list[StagedF
 
 
 def clean_at_stop(engine: Any) -> None:
-    """Remove the engine's staged leftovers when its worker stops (exit deadline passed)."""
+    """Remove the engine's staged leftovers when its worker stops (exit deadline passed),
+    unless the spool still names them for ``asynctrack sync``."""
     if "staging_cleanup" not in engine.resources:
         engine.resources["staging_cleanup"] = True
-        engine.exit_stack.callback(staging.release, engine)
+
+        def release() -> None:
+            if not engine.spooled():
+                staging.release(engine)
+
+        engine.exit_stack.callback(release)
 
 
 async def store(

@@ -63,12 +63,18 @@ class Intake:
                 return  # no spool: callers meet the queue's capacity
             chunk = [buf.popleft() for _ in range(min(len(buf), CHUNK))]
             barriers = sum(1 for e in chunk if type(e) is Barrier)
+            room = self.backlog is None and (self.mem_events < self.window or everything)
+            at = self._spool(chunk, len(chunk) - barriers)
+            if at is None and self.writer is not None and not room:
+                # The spool failed (disk full, limit reached) and memory is full: leave
+                # the events queued; callers meet the queue's capacity, told why.
+                buf.extendleft(reversed(chunk))
+                return
             self.barriers += barriers
             self.taken += len(chunk) - barriers
-            at = self._spool(chunk, len(chunk) - barriers)
             if at is None:  # not spooled: memory is the only copy
                 self._keep(0, chunk)
-            elif self.backlog is None and self.mem_events < self.window:
+            elif room:
                 self._keep(at[0], chunk)
             else:
                 self._spill(at, chunk)
@@ -90,6 +96,7 @@ class Intake:
                 logger.warning("asynctrack: %s; events are kept in memory only", exc)
             self.error = str(exc)
             return None
+        self.error = ""
         segment = writer.segment
         self.outstanding[segment] = self.outstanding.get(segment, 0) + count
         self.spooled += count
@@ -138,6 +145,12 @@ class Intake:
         if self.backlog is None:
             while self._backlog_barriers:
                 self._keep(0, [self._backlog_barriers.popleft()[1]])
+
+    def note_done(self, job: Job) -> None:
+        """Tell ``sync`` that ``job``'s upload is finished, so it never redoes it."""
+        if self.writer is not None and job.spooled is not None:
+            with contextlib.suppress(spool.SpoolError):
+                self.writer.append(spool.done_record(job.run_id, job.spooled[0]))
 
     # ------------------------------------------------------------------ settling
 

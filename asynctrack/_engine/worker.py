@@ -144,7 +144,8 @@ class Engine:
         )
 
     def _cause(self) -> str:
-        return f" (last error: {self._last_error})" if self._last_error else ""
+        error = self._intake.error or self._last_error  # a failing spool explains a full queue
+        return f" (last error: {error})" if error else ""
 
     def pending(self) -> int:
         """Events accepted and not yet stored or refused (flush barriers are not events)."""
@@ -460,9 +461,11 @@ class Engine:
             await job.work(self)
         except Exception as exc:  # reported at the next flush, named by the job's label
             reason = str(exc) or repr(exc)
+            self._intake.note_done(job)
             self._refuse([Rejection(job.run_id, job.kind, job.label, reason)], segment)
         else:
             self._held -= 1
+            self._intake.note_done(job)
             self._intake.ack(segment, 1)
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:

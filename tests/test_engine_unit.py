@@ -750,3 +750,30 @@ def test_spool_files_are_owner_only_and_gone_once_stored(make_engine: Any, tmp_p
     assert engine.stats().durable <= engine.stats().sent
     engine.close(5)
     assert not directory.exists()  # everything stored: the directory is removed
+
+
+def test_a_backlog_over_many_segments_arrives_in_order_and_the_segments_go(
+    make_engine: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asynctrack._engine import worker
+
+    monkeypatch.setattr(worker, "_SEGMENT_BYTES", 32 * 1024)
+    monkeypatch.setattr(worker, "_WINDOW", 1000)
+    engine, transport = make_engine(max_in_flight=1, spool_dir=str(tmp_path))
+    transport.gate.clear()
+    engine.put(metric(0, run_id="a"))
+    flusher = threading.Thread(target=engine.flush, args=(60,))
+    flusher.start()
+    assert transport.entered.wait(10)
+    for i in range(1, 30_001):
+        engine.put(metric(i, run_id="c"))
+        if i % 7000 == 0:
+            engine.put(MetaEvent("tag", "c", "phase", str(i)))  # the last one must win
+    directory = tmp_path / engine.spool_dir().rsplit("/", 1)[-1]
+    transport.gate.set()
+    flusher.join(60)
+    engine.flush(60)
+    assert transport.metrics("c") == [("m", float(i), i) for i in range(1, 30_001)]
+    assert transport.tags("c") == {"phase": "28000"}
+    assert engine.stats().spooled == 0
+    assert len(list(directory.glob("*.seg"))) <= 1  # settled segments are removed

@@ -126,6 +126,7 @@ class Intake:
             segment, offset = self.backlog
             if segment < writer.segment and offset >= writer.sizes.get(segment, 0):
                 self.backlog = (segment + 1, len(spool.MAGIC))
+                self._seal(segment)  # its events may all be settled already (jobs)
                 continue
             if segment == writer.segment and offset >= writer.size:
                 self.backlog = None  # caught up: back to sending straight from memory

@@ -222,7 +222,10 @@ def report_orphans(root: Path, recover: bool) -> None:
             f"asynctrack: replaying {len(orphans)} spool(s) left by processes that ended "
             f"({size} bytes) from {root}\n"
         )
-        threading.Thread(target=_recover, args=(root,), name="asynctrack-recover").start()
+        # A daemon: exit never waits for it; what it has not sent stays for the next sync.
+        threading.Thread(
+            target=_recover, args=(root,), name="asynctrack-recover", daemon=True
+        ).start()
         return
     sys.stderr.write(
         f"asynctrack: {len(orphans)} spool(s) left by processes that ended hold events not "

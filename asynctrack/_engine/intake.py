@@ -51,7 +51,8 @@ class Intake:
         self.spooled = 0  # events written to the spool, ever
         self.durable = 0  # events fsync'ed, ever
         self._last_sync = time.monotonic()
-        self.error = ""  # the last spool failure, for messages
+        self.error = ""  # the spool's failure, while it fails, for messages
+        self._warned = ""
 
     # ------------------------------------------------------------------ taking
 
@@ -92,8 +93,9 @@ class Intake:
             if count:
                 writer.append(spool.encode(chunk))
         except spool.SpoolError as exc:
-            if str(exc) != self.error:
+            if str(exc) != self._warned:  # once per kind of failure, not per chunk
                 logger.warning("asynctrack: %s; events are kept in memory only", exc)
+                self._warned = str(exc)
             self.error = str(exc)
             return None
         self.error = ""

@@ -284,6 +284,12 @@ class Engine:
             self._main_task = loop.create_task(self._main(started))
             with contextlib.suppress(asyncio.CancelledError):
                 loop.run_until_complete(self._main_task)
+            # As asyncio.run does: cancel what is left (sends retrying against a dead
+            # server at exit) and let it unwind, so no "Task was destroyed" warnings.
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
         finally:
             loop.close()
 
@@ -440,7 +446,11 @@ class Engine:
         await self._spawn(self._send_metrics(run_id, batch, self._batch_seg))
 
     async def _spawn(self, coro: Any) -> None:
-        await self._slots.acquire()  # back-pressure: never more than max_in_flight requests
+        try:
+            await self._slots.acquire()  # back-pressure: at most max_in_flight requests
+        except BaseException:  # cancelled at exit: the request is never made
+            coro.close()
+            raise
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)

@@ -15,8 +15,10 @@ import contextlib
 import os
 import random
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -40,6 +42,7 @@ from asynctrack.errors import Rejection
 T = TypeVar("T")
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.25, 15.0
 _REQUEST_TIMEOUT = 30.0
+_IN_FLIGHT = 4  # metric batches sent at once
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
 # MlflowException codes meaning "away or busy", as StoreTransport reads them
 _TRANSIENT_CODES = ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED")
@@ -169,8 +172,11 @@ def replay(
         replayer.not_orphans |= survey.runs if d.alive else survey.ended
         if not d.alive:  # a dead writer's segments only ever go away: reused if all there
             replayer.surveys[d.directory] = survey
-    for d in found:
-        replayer.directory(d)
+    try:
+        for d in found:
+            replayer.directory(d)
+    finally:
+        replayer.close()
     return replayer.report
 
 
@@ -208,6 +214,8 @@ class _Replayer:
         self._uploaded: list[str] = []  # staged files of the current segment now stored
         self._finished: set[str] = set()  # uploads the writer finished itself
         self.not_orphans: set[str] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
         self.surveys: dict[Path, _Survey] = {}
 
     def directory(self, found: spool.SpoolDir) -> None:
@@ -332,12 +340,24 @@ class _Replayer:
             _remove_staged(Path(staged))
 
     def _send_run(self, run_id: str, run: _Run) -> None:
-        for start in range(0, len(run.metrics), MAX_METRICS):
-            self._send(run_id, run.metrics[start : start + MAX_METRICS])
-        batches = pack_meta(run_id, run.meta)
-        self._done(len(run.meta) - sum(len(b) for b in batches))  # folded repeats: stored
-        for batch in batches:
-            self._send(run_id, batch.events())
+        batches = [
+            run.metrics[start : start + MAX_METRICS]
+            for start in range(0, len(run.metrics), MAX_METRICS)
+        ]
+        if len(batches) > 1 and self._uri.startswith(("http://", "https://")):
+            # Metrics carry their own step and time, so their calls may overlap; the server
+            # stores about twice as much with calls in flight, as the worker's are.
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(_IN_FLIGHT, thread_name_prefix="asynctrack-sync")
+            for future in [self._pool.submit(self._send, run_id, b) for b in batches]:
+                future.result()  # a _Deadline in any of them ends this directory's replay
+        else:
+            for batch in batches:
+                self._send(run_id, batch)
+        meta = pack_meta(run_id, run.meta)
+        self._done(len(run.meta) - sum(len(b) for b in meta))  # folded repeats: stored
+        for meta_batch in meta:
+            self._send(run_id, meta_batch.events())
         for artifact in run.artifacts:
             self._artifact(artifact)
 
@@ -454,17 +474,23 @@ class _Replayer:
         return self._client
 
     def _done(self, count: int) -> None:
-        self.report.stored += count
-        self._waiting -= count
-        if count and self._progress is not None:
-            self._progress(count)
+        with self._lock:  # metric batches finish on the pool's threads
+            self.report.stored += count
+            self._waiting -= count
+            if count and self._progress is not None:
+                self._progress(count)
 
     def _refuse(self, rejections: Iterable[Rejection]) -> None:
         rejections = list(rejections)
-        self.report.refused.extend(rejections)
-        self._waiting -= len(rejections)
-        if self._progress is not None:
-            self._progress(len(rejections))
+        with self._lock:
+            self.report.refused.extend(rejections)
+            self._waiting -= len(rejections)
+            if self._progress is not None:
+                self._progress(len(rejections))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 def _classified(call: Callable[[], T]) -> T:

@@ -65,6 +65,7 @@ def _finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Exception" not in err, err  # a clean exit, quietly
     return out, err
 
 

@@ -50,7 +50,8 @@ T = TypeVar("T")
 _POLL = 0.05  # seconds between looks at the queue's length
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.25, 8.0
 # Events held in memory for sending beyond the queue; past it, they wait in the spool.
-_WINDOW = 20_000
+# Large enough that a burst the server clears in seconds never goes through the disk.
+_WINDOW = 100_000
 _SEGMENT_BYTES = 8 * 1024 * 1024
 
 
@@ -289,7 +290,8 @@ class Engine:
             left = asyncio.all_tasks(loop)
             for task in left:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            if left:  # gather() of nothing looks for the thread's loop, and there is none
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
         finally:
             loop.close()
 

@@ -473,7 +473,12 @@ def test_full_policy_block_gives_up_at_the_deadline(make_engine: Any) -> None:
     assert len(transport.metrics()) == 2 + len(accepted)
 
 
-def test_with_a_spool_a_stuck_server_never_blocks_the_caller(make_engine: Any) -> None:
+def test_with_a_spool_a_stuck_server_never_blocks_the_caller(
+    make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asynctrack._engine import worker
+
+    monkeypatch.setattr(worker, "_WINDOW", 10_000)
     engine, transport = make_engine(queue_capacity=2, max_in_flight=1, flush_timeout=0.3)
     transport.gate.clear()
     engine.put(metric(0, run_id="a"))

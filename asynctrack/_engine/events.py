@@ -133,7 +133,8 @@ class Job:
     ``run_blocking``, ``resources`` and ``exit_stack``; an exception it raises is reported
     at the next flush as a refusal of ``label`` (e.g. the artifact's path). Flushes and run
     ends wait for jobs queued before them. ``spooled``, when given, is what the spool keeps
-    so ``asynctrack sync`` can redo the job after a crash: ``(staged file, artifact dir)``.
+    so ``asynctrack sync`` can redo the job after a crash: ``(staged file or staging area,
+    artifact dir or None)``; the area is laid out as the run's artifact paths.
     """
 
     __slots__ = ("kind", "label", "run_id", "spooled", "work")

@@ -1,9 +1,11 @@
 """The engine: a bounded queue, one worker thread with an event loop, and flush barriers.
 
 Callers append events to a ``deque`` (thread-safe, about 40 ns) and return; they never
-signal the worker, because waking another thread costs more than the call itself. The
-worker polls the queue's length a few times a second and sends when a batch is full, when
-the flush interval has passed, or at once when ``flush()`` or a full queue wakes it.
+signal the worker, because waking another thread costs more than the call itself. Every
+50 ms the worker's intake (``intake.py``) takes what is queued into the spool and its
+in-memory window; a separate pump task batches from the window and sends when a batch is
+full, when the flush interval has passed, or at once when ``flush()`` or a full queue
+wakes it. The pump may wait for the server; the intake never does.
 
 Metric batches go out up to ``max_in_flight`` at a time: the server stores about twice as
 much with calls in flight, and metrics carry their own step and timestamp, so their order

@@ -4,6 +4,7 @@ spool's crash recovery (``sync``, ``status``)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -230,7 +231,7 @@ def sync(ctx: click.Context, spool_dir: Path | None, end_status: str, timeout: f
     with click.progressbar(
         length=max(waiting, 1),
         label=f"replaying {waiting} events from {root}",
-        file=click.get_text_stream("stderr"),
+        file=sys.stderr,
     ) as bar:
         report = replay.replay(
             root, status=end, tracking_uri=override, timeout=timeout, progress=bar.update

@@ -80,6 +80,9 @@ DEFAULT_FULL_POLICY: FullPolicy = "block"
 DEFAULT_MULTIPART_THRESHOLD = 8 * 1024 * 1024
 #: Bytes in each part of a multipart upload; S3 wants at least 5 MiB (the last part excepted).
 DEFAULT_MULTIPART_PART_SIZE = 8 * 1024 * 1024
+#: Send each multipart part's CRC32 (a plain header) so S3 checks it and completes the upload
+#: from the parts' checksums; off for S3-compatible servers that refuse checksum headers.
+DEFAULT_MULTIPART_CHECKSUMS = True
 #: Files or parts uploaded at once; each streams from disk, holding at most 1 MiB in memory.
 DEFAULT_MAX_CONCURRENT_UPLOADS = 8
 #: Where artifacts are copied at the call until stored ("": the system's temporary directory).
@@ -119,6 +122,7 @@ class EngineConfig:
     full_policy: FullPolicy = DEFAULT_FULL_POLICY
     multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD
     multipart_part_size: int = DEFAULT_MULTIPART_PART_SIZE
+    multipart_checksums: bool = DEFAULT_MULTIPART_CHECKSUMS
     max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS
     staging_dir: str = DEFAULT_STAGING_DIR
     artifacts_destination: str = DEFAULT_ARTIFACTS_DESTINATION
@@ -139,7 +143,7 @@ class EngineConfig:
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("spool", "spool_recover"):
+        for name in ("spool", "spool_recover", "multipart_checksums"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in (

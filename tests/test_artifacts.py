@@ -222,16 +222,23 @@ def test_matplotlib_figure_rendered_at_the_call(
         tracker.log_figure(object(), "x.png")
 
 
+@pytest.mark.parametrize("checksums", [True, False])
 def test_large_file_goes_multipart(
     artifact_servers: dict[str, ArtifactMode],
     s3_env: IamS3Server,
     experiment_name: str,
     tmp_path: Path,
+    checksums: bool,
 ) -> None:
-    """12 MiB with a 5 MiB threshold and parts: three parts, sent concurrently."""
+    """12 MiB with a 5 MiB threshold and parts: three parts, sent concurrently, each with
+    its CRC32 unless checksums are off."""
     big = write(tmp_path / "weights.bin", os.urandom(12 * MiB + 7))
     url = localhost(artifact_servers["direct"].url)
-    settings = {"multipart_threshold": 5 * MiB, "multipart_part_size": 5 * MiB}
+    settings = {
+        "multipart_threshold": 5 * MiB,
+        "multipart_part_size": 5 * MiB,
+        "multipart_checksums": checksums,
+    }
     with dedicated_engine(url, **settings) as engine:
         tracker = MLflowExperimentTracker(experiment_name=experiment_name, tracking_uri=url)
         with tracker.start_run():
@@ -241,8 +248,11 @@ def test_large_file_goes_multipart(
         assert engine.stats().bytes_uploaded == 12 * MiB + 7
     assert run_id is not None and uri is not None
     bucket, prefix = uri.removeprefix("s3://").split("/", 1)
-    head = s3_env.client().head_object(Bucket=bucket, Key=f"{prefix}/checkpoints/weights.bin")
+    head = s3_env.client().head_object(
+        Bucket=bucket, Key=f"{prefix}/checkpoints/weights.bin", ChecksumMode="ENABLED"
+    )
     assert head["ETag"].strip('"').endswith("-3")  # S3's mark of a 3-part upload
+    assert ("ChecksumCRC32" in head) is checksums, head  # S3 kept the parts' CRC32
     assert sha256(download(url, run_id, "checkpoints/weights.bin", tmp_path)) == sha256(big)
 
 

@@ -7,12 +7,11 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
 import pytest
+from faults import wait_until
 
 from asynctrack import MLflowExperimentTracker
 from asynctrack._engine import spool
@@ -35,15 +34,6 @@ def _dead_spool(root: Path, uri: str, run_id: str, steps: int) -> Path:
     writer.append(spool.encode(events))
     writer.close(empty=False)
     return writer.directory
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)  # polling observable state (the server), not waiting for time
-    return condition()
 
 
 def _child(experiment_name: str, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -87,7 +77,7 @@ def test_a_new_process_reports_dead_spools_and_replays_them_when_asked(
         return len(client.get_metric_history(run_id, "orphan")) == 50 and not orphan.exists()
 
     if recover:
-        assert _wait_until(replayed, 60)
+        wait_until(replayed, 60, "the orphan replayed by the new process")
     _, err = _finish(proc)
 
     if recover:

@@ -77,6 +77,19 @@ DropStage = Literal["mid_request", "after_request", "after_forward"]
 _DROP_STAGES = ("mid_request", "after_request", "after_forward")
 
 
+def pipe(src: socket.socket, dst: socket.socket) -> None:
+    """Copy ``src`` to ``dst`` until ``src`` ends, then half-close ``dst`` (a TCP relay's
+    one direction)."""
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
     """Poll ``predicate`` until it is true; ``TimeoutError`` naming ``what`` at the deadline."""
     deadline = time.monotonic() + timeout

@@ -33,6 +33,7 @@ from typing import Any
 
 import mlflow
 import pytest
+from faults import pipe
 from mlflow import MlflowClient
 
 from asynctrack.testing import MlflowServer
@@ -133,20 +134,9 @@ class Gate:
                 with self._cond:
                     self._sockets.append(upstream)
                 for src, dst in ((downstream, upstream), (upstream, downstream)):
-                    threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+                    threading.Thread(target=pipe, args=(src, dst), daemon=True).start()
             else:
                 threading.Thread(target=self._swallow, args=(downstream,), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
 
     def _swallow(self, sock: socket.socket) -> None:
         head = b""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from faults import pipe
 
 import asynctrack
 from asynctrack import FlushTimeoutError, MLflowExperimentTracker
@@ -59,18 +60,7 @@ class Relay:
                     return
                 self._sockets += [downstream, upstream]
             for src, dst in ((downstream, upstream), (upstream, downstream)):
-                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
+                threading.Thread(target=pipe, args=(src, dst), daemon=True).start()
 
     def close(self) -> None:
         with self._lock:

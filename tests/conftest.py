@@ -22,9 +22,31 @@ if TYPE_CHECKING:
 pytest_plugins = ["asynctrack.testing"]
 
 
+# Tests that take tens of seconds each (a demo, crashes and restarts, docker compose, large
+# uploads): `pytest -m "not slow"` leaves them out. Marked here by file or by test, so the
+# files themselves need not change; a test can also carry @pytest.mark.slow itself.
+SLOW_FILES = {
+    "test_compose.py",
+    "test_demo.py",
+    "test_faults_crash.py",
+    "test_faults_server.py",
+    "test_lifecycle.py",
+    "test_testing_cleanup.py",
+}
+SLOW_TESTS: set[str] = set()
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    # Every engine the tests start spools into this session's directory, not the user's.
-    os.environ.setdefault("ASYNCTRACK_SPOOL_DIR", tempfile.mkdtemp(prefix="asynctrack-spool-"))
+    # Every engine the tests start spools into this session's directory, never the user's
+    # (an ASYNCTRACK_SPOOL_DIR in the environment is overridden, not kept).
+    os.environ["ASYNCTRACK_SPOOL_DIR"] = tempfile.mkdtemp(prefix="asynctrack-spool-")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.name.split("[")[0]
+        if item.path.name in SLOW_FILES or f"{item.path.name}::{name}" in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
 
 
 class Data(NamedTuple):

@@ -465,9 +465,10 @@ def sync(ctx: click.Context, spool_dir: Path | None, end_status: str, timeout: f
 
 @main.command()
 @_SPOOL_DIR
+@_uri_option()
 def status(spool_dir: Path | None) -> None:
     """What the spool holds, one line per writer directory (SPOOL_DIR: default the
-    configured spool)."""
+    configured spool). It reads only the local disk: --tracking-uri is accepted, unused."""
     import time
 
     from asynctrack._engine import replay

@@ -476,3 +476,22 @@ def test_status_of_a_missing_directory_is_an_error(tmp_path: Path) -> None:
     assert "does not exist" in result.output
     result = CliRunner().invoke(main, ["sync", str(tmp_path / "nowhere")])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["demo"],
+        ["runs", "compare"],
+        ["runs", "best"],
+        ["runs", "summary"],
+        ["models", "list"],
+        ["plot"],
+        ["sync"],
+        ["status"],
+    ],
+)
+def test_every_subcommand_takes_tracking_uri(command: list[str]) -> None:
+    result = CliRunner().invoke(main, [*command, "--tracking-uri", "http://x:1", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--tracking-uri" in result.output

@@ -25,15 +25,22 @@ pytest_plugins = ["asynctrack.testing"]
 # Tests that take tens of seconds each (a demo, crashes and restarts, docker compose, large
 # uploads): `pytest -m "not slow"` leaves them out. Marked here by file or by test, so the
 # files themselves need not change; a test can also carry @pytest.mark.slow itself.
+# Measured with --durations on a loaded 2-core machine: the artifact files start two more
+# MLflow servers and an IAM-checking S3 server (about a minute before their first test).
 SLOW_FILES = {
+    "test_artifacts.py",
     "test_compose.py",
     "test_demo.py",
     "test_faults_crash.py",
     "test_faults_server.py",
     "test_lifecycle.py",
+    "test_models.py",
     "test_testing_cleanup.py",
 }
-SLOW_TESTS: set[str] = set()
+SLOW_TESTS = {
+    "test_delivery.py::test_flush_timeout_with_server_down_then_everything_arrives",
+    "test_testing_servers.py::test_mlflow_server_logs_survive_restart",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:

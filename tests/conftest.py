@@ -38,8 +38,15 @@ SLOW_FILES = {
     "test_testing_cleanup.py",
 }
 SLOW_TESTS = {
+    "test_async.py::test_heartbeat_keeps_ticking_while_a_large_flush_is_awaited",
+    "test_cli.py::test_as_a_subprocess",
     "test_delivery.py::test_flush_timeout_with_server_down_then_everything_arrives",
+    "test_examples.py::test_full_pipeline",
+    "test_examples.py::test_grid_search",
     "test_testing_servers.py::test_mlflow_server_logs_survive_restart",
+    "test_tracker.py::test_100k_log_metric_calls_all_stored_in_order",
+    "test_tracker.py::test_eight_plain_threads_log_to_one_run",
+    "test_tracker.py::test_eight_threads_log_to_one_run_with_copied_context",
 }
 
 

@@ -17,6 +17,8 @@ The convention, for whoever writes docs:
 
   The reason shows in pytest's summary. Blocks in other languages (```bash, ```text) are
   never run.
+- A block that takes tens of seconds (it starts a server, logs a model) is marked
+  ``<!-- snippet: slow -->`` the same way: it runs, but not under ``pytest -m "not slow"``.
 - A block passes when it exits 0 within the timeout below; it prints what it likes.
 """
 
@@ -36,6 +38,7 @@ from asynctrack.testing import MlflowServer, S3Server
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SKIP = re.compile(r"<!--\s*snippet:\s*skip\s*(?:\((?P<reason>[^)]*)\))?\s*-->")
+SLOW = re.compile(r"<!--\s*snippet:\s*slow\s*-->")
 TIMEOUT = 180
 
 
@@ -43,6 +46,7 @@ class Snippet(NamedTuple):
     where: str
     code: str
     skip: str | None
+    slow: bool
 
 
 def snippets(path: Path) -> list[Snippet]:
@@ -61,9 +65,11 @@ def snippets(path: Path) -> list[Snippet]:
         while i < len(lines) and lines[i].strip() != "```":
             body.append(lines[i].removeprefix(indent))
             i += 1
-        mark = SKIP.search(lines[start - 1]) if start else None
+        before = lines[start - 1] if start else ""
+        mark = SKIP.search(before)
         skip = (mark.group("reason") or "marked skip") if mark else None
-        found.append(Snippet(f"{path.relative_to(REPO)}:{start + 1}", "\n".join(body), skip))
+        where = f"{path.relative_to(REPO)}:{start + 1}"
+        found.append(Snippet(where, "\n".join(body), skip, bool(SLOW.search(before))))
         i += 1
     return found
 
@@ -76,7 +82,10 @@ def test_the_docs_have_snippets() -> None:
     assert len(ALL) >= 5
 
 
-@pytest.mark.parametrize("snippet", ALL, ids=[s.where for s in ALL])
+@pytest.mark.parametrize(
+    "snippet",
+    [pytest.param(s, id=s.where, marks=[pytest.mark.slow] if s.slow else []) for s in ALL],
+)
 def test_snippet_runs(
     snippet: Snippet, mlflow_server: MlflowServer, s3_server: S3Server, tmp_path: Path
 ) -> None:

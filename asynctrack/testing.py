@@ -17,12 +17,17 @@ or as a pytest plugin, by adding ``pytest_plugins = ["asynctrack.testing"]`` to 
 
 The MLflow server runs as a subprocess (``sys.executable -m mlflow server``) with a
 SQLite store; the S3 endpoint is moto's S3 server in a thread of the test process.
+A server dies with the process that started it, however that ends: ``stop()`` at exit
+(``atexit``), and a guard process that stops the server's process group as soon as the
+starting process is gone (even after SIGKILL), so an interrupted test run leaves no
+server behind.
 moto and boto3 are imported only when an ``S3Server`` is used, so the MLflow side
 works without them.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -32,6 +37,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -61,6 +67,38 @@ _S3_REGION = "us-east-1"
 _LOG_TAIL_CHARS = 4000
 # Calls to 127.0.0.1 must not go through an HTTP(S)_PROXY from the environment.
 _NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+# The server's process-group leader: it starts the server and exits with its code,
+# ignoring the SIGTERM that stop() sends the group so that it waits for the server's own
+# graceful exit. Its stdin is the read end of a pipe whose write end only the test process
+# holds, so the read returns once that process is gone, however it died (SIGKILL
+# included); the guard then stops the group. A pipe rather than prctl(PR_SET_PDEATHSIG):
+# that signal follows the *thread* that forked, and servers are started from short-lived
+# threads.
+_GUARD = """
+import os, signal, subprocess, sys, threading
+proc = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def reap():
+    code = proc.wait()
+    os._exit(code if code >= 0 else 128 - code)
+threading.Thread(target=reap, daemon=True).start()
+while os.read(0, 1):
+    pass
+os.killpg(0, signal.SIGTERM)
+try:
+    proc.wait(10)
+finally:
+    os.killpg(0, signal.SIGKILL)
+"""
+# Servers still running at interpreter exit are stopped then, beside the guard.
+_RUNNING: weakref.WeakSet[MlflowServer] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running() -> None:
+    for server in list(_RUNNING):
+        server.stop(grace=5.0)
 
 
 def free_port() -> int:
@@ -104,6 +142,7 @@ class MlflowServer:
         self._port_fixed = port is not None
         self._port = port if port is not None else free_port()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._lifeline: int | None = None  # the write end of the guard's pipe
 
     def __repr__(self) -> str:
         # Deliberately leaves out the env: it may hold credentials.
@@ -119,7 +158,8 @@ class MlflowServer:
 
     @property
     def pid(self) -> int | None:
-        """PID of the server process (also its process group), or None when stopped."""
+        """PID of the server's process-group leader (the guard that started ``mlflow
+        server``), or None when stopped."""
         return self._proc.pid if self._proc is not None else None
 
     def _command(self) -> list[str]:
@@ -175,17 +215,23 @@ class MlflowServer:
             **self._extra_env,
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         }
-        with self.log_path.open("ab") as log:
-            # Its own session, so stop() can signal the CLI and the uvicorn workers it spawns.
-            self._proc = subprocess.Popen(
-                self._command(),
-                cwd=self.workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        lifeline, self._lifeline = os.pipe()
+        try:
+            with self.log_path.open("ab") as log:
+                # Its own session, so stop() can signal the guard, the CLI and the uvicorn
+                # workers it spawns at once.
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-c", _GUARD, *self._command()],
+                    cwd=self.workdir,
+                    env=env,
+                    stdin=lifeline,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        finally:
+            os.close(lifeline)
+        _RUNNING.add(self)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             code = self._proc.poll()
@@ -213,6 +259,10 @@ class MlflowServer:
             os.killpg(pgid, signal.SIGKILL)
         proc.wait()
         self._proc = None
+        _RUNNING.discard(self)
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
 
     def restart(self) -> None:
         """Stop and start again on the same port with the same store."""

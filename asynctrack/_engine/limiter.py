@@ -20,6 +20,20 @@ One limiter per server (scheme, host, port) per process, shared by every engine 
 it (``limiter_for``). Engines run their own event loops on their own threads, so the state
 sits behind a ``threading.Lock`` and a freed slot is handed to a waiter of any loop with
 ``call_soon_threadsafe``. A forked child starts afresh: the parent's requests are not its.
+
+A sender holds a slot for one attempt only, so a request waiting to be retried does not
+keep others out::
+
+    token = await limiter_for(tracking_uri, config.max_in_flight).acquire()
+    try:
+        status, text, retry_after = await pool.run(lambda: wire.post_full(endpoint, body))
+    except TimeoutError:
+        token.done(Outcome.TIMEOUT)
+        raise
+    except OSError:
+        token.done(Outcome.ERROR)
+        raise
+    token.done(outcome_of(status, text), retry_after=retry_after)
 """
 
 from __future__ import annotations

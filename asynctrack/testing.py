@@ -362,13 +362,13 @@ class PostgresServer:
         self.startup_timeout = startup_timeout
         self._bin = _postgres_bin()
         self._root = Path(tempfile.mkdtemp(prefix="asynctrack-pg-"))
+        self._pids: list[int] = []  # shared with the finalizer, which must not hold self
+        self._finalizer = weakref.finalize(self, _cleanup_postgres, self._pids, str(self._root))
         self.log_path = self._root / "postgres.log"
         self._as_user = self._user_prefix()
         self._port = free_port()
         self._proc: subprocess.Popen[bytes] | None = None
         self._created = False
-        self._pids: list[int] = []  # shared with the finalizer, which must not hold self
-        self._finalizer = weakref.finalize(self, _cleanup_postgres, self._pids, str(self._root))
 
     def _user_prefix(self) -> list[str]:
         setpriv = shutil.which("setpriv")
@@ -433,6 +433,23 @@ class PostgresServer:
         if not self.durable:
             settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
         options = [f"--{name}={value}" for name, value in settings.items()]
+        for attempt in range(1, 4):
+            since = self.log_path.stat().st_size if self.log_path.exists() else 0
+            error = self._start_once(data, options)
+            if error is None:
+                break
+            tail = self.log_path.read_bytes()[since:].decode("utf-8", "replace")
+            # The port can be taken between free_port() and postgres binding it; once the
+            # database exists its URI is out in clients, so the port stays.
+            if "could not bind" in tail and not self._created and attempt < 3:
+                self._port = free_port()
+                continue
+            raise RuntimeError(f"{error}:\n{tail[-_LOG_TAIL_CHARS:]}")
+        if not self._created:
+            self._run("createdb", "-h", _HOST, "-p", str(self._port), "-U", _PG_ROLE, self.database)
+            self._created = True
+
+    def _start_once(self, data: Path, options: list[str]) -> str | None:
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 [*self._as_user, str(self._bin / "postgres"), "-D", str(data),
@@ -443,21 +460,13 @@ class PostgresServer:
                 start_new_session=True,
             )  # fmt: skip
         self._pids.append(self._proc.pid)
-        self._wait_ready()
-        if not self._created:
-            self._run("createdb", "-h", _HOST, "-p", str(self._port), "-U", _PG_ROLE, self.database)
-            self._created = True
-
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
         deadline = time.monotonic() + self.startup_timeout
         while True:
             code = self._proc.poll()
             if code is not None or time.monotonic() > deadline:
                 self.stop()
-                tail = self.log_path.read_text("utf-8", "replace")[-_LOG_TAIL_CHARS:]
                 state = f"exited with code {code}" if code is not None else "not ready in time"
-                raise RuntimeError(f"postgres on port {self._port} {state}:\n{tail}")
+                return f"postgres on port {self._port} {state}"
             ready = subprocess.run(
                 [str(self._bin / "pg_isready"), "-q", "-h", _HOST, "-p", str(self._port),
                  "-U", _PG_ROLE],
@@ -465,7 +474,7 @@ class PostgresServer:
                 capture_output=True,
             )  # fmt: skip
             if ready.returncode == 0:
-                return
+                return None
             time.sleep(0.1)
 
     def stop(self, grace: float = 30.0) -> None:

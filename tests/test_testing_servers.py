@@ -181,3 +181,29 @@ def test_mlflow_server_on_postgres(tmp_path: Path) -> None:
     assert server.pid is None and server.postgres.pid is None
     assert not _group_alive(pg_pid)
     assert not data.exists()
+
+
+@pytest.mark.timeout(120)
+def test_postgres_server_moves_off_a_taken_port() -> None:
+    import socket
+
+    import psycopg2  # type: ignore[import-untyped, unused-ignore]
+
+    from asynctrack.testing import PostgresServer
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = PostgresServer()
+        server._port = taken.getsockname()[1]  # as if someone took it after free_port()
+        with server:
+            assert server.port != taken.getsockname()[1]
+            assert server.uri.startswith("postgresql+psycopg2://postgres@127.0.0.1:")
+            conn = psycopg2.connect(host="127.0.0.1", port=server.port, user="postgres")
+            try:
+                with conn.cursor() as cursor:
+                    cursor.execute("SELECT current_user, current_database()")
+                    assert cursor.fetchone() == ("postgres", "postgres")
+            finally:
+                conn.close()
+        assert server.pid is None

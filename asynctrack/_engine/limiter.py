@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import os
 import threading
 import time
@@ -50,6 +49,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from asynctrack._engine.transport import Outcome, outcome_of
+
+__all__ = ["Limiter", "Outcome", "Token", "limiter_for", "outcome_of"]
+
 INITIAL_LIMIT = 2
 TOLERANCE = 2.0  # answers this much slower than usual count as a server queueing requests
 SLOWER, OVERLOAD = 0.9, 0.5  # how much the limit keeps on each kind of bad news
@@ -58,13 +61,6 @@ _USUAL_WEIGHT, _SLOW_WEIGHT, _RECENT_WEIGHT = 0.05, 0.01, 0.3
 # A proxy or a server that asks for hours would stall every sender: bounded, the retry
 # policy's own deadlines still apply.
 MAX_BACKOFF = 120.0
-
-
-class Outcome(enum.Enum):
-    OK = "ok"  # stored or refused on its merits: the server is answering normally
-    OVERLOAD = "overload"  # 429, 5xx, an exhausted database pool
-    TIMEOUT = "timeout"  # no answer in time: the server may still be working on it
-    ERROR = "error"  # refused connection and the like: says nothing about load
 
 
 @dataclass(eq=False)
@@ -233,20 +229,6 @@ class Limiter:
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-# MLflow answers an exhausted SQLAlchemy pool (PostgreSQL, MySQL) with 400 BAD_REQUEST, and a
-# locked sqlite file sometimes with 400 too: overload, whatever the status says.
-_OVERLOAD_MESSAGES = ("QueuePool limit", "database is locked")
-
-
-def outcome_of(status: int, text: str = "") -> Outcome:
-    """What an HTTP answer (status and body) says about the server's load."""
-    if status in (408, 429) or status >= 500:
-        return Outcome.OVERLOAD
-    if status == 400 and any(message in text for message in _OVERLOAD_MESSAGES):
-        return Outcome.OVERLOAD
-    return Outcome.OK
 
 
 _all_limiters: weakref.WeakSet[Limiter] = weakref.WeakSet()

@@ -96,3 +96,33 @@ def test_stats_combine_the_counts_with_what_the_engine_knows() -> None:
         files_queued=1, files_uploaded=1, bytes_queued=40, bytes_uploaded=60,
         spooled=3, spool_bytes=300, durable=2,
     )  # fmt: skip
+
+
+class CountedRejection(Rejection):
+    """A rejection that counts how often it is compared (the ledger's work)."""
+
+    comparisons = 0
+    __hash__ = Rejection.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        CountedRejection.comparisons += 1
+        return super().__eq__(other)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="take_rejections filters with `r not in taken` over a list: quadratic, about 7 s "
+    "for 200k refusals (a run deleted mid-training), on the caller's thread, under the lock",
+)
+def test_taking_rejections_is_linear_in_their_number() -> None:
+    ledger = Ledger()
+    reason = "INVALID_PARAMETER_VALUE: The run r must be in the 'active' state."
+    keys, steps = 100, 20  # per-layer metrics of a run deleted while it trained
+    layers: list[Rejection] = [
+        CountedRejection("r", "metric", f"layer{k}", reason) for k in range(keys)
+    ]
+    ledger.refused(layers * steps)
+    ledger.refused([CountedRejection("other", "metric", "loss", reason)])
+    CountedRejection.comparisons = 0
+    assert len(ledger.take_rejections("r")) == keys * steps
+    assert CountedRejection.comparisons <= 4 * keys * steps

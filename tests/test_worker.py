@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import queue
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -83,6 +84,11 @@ def test_run_returns_the_result_or_raises_the_exception(make_worker: Callable[[]
         worker.run(fail(), WAIT)
 
 
+@pytest.mark.xfail(
+    sys.version_info < (3, 11),
+    strict=True,
+    reason="on 3.10 Worker.run raises concurrent.futures.TimeoutError, not the built-in one",
+)
 def test_run_gives_up_at_its_timeout(make_worker: Callable[[], Worker]) -> None:
     worker = make_worker()
     worker.start(serve)

@@ -109,11 +109,6 @@ class CountedRejection(Rejection):
         return super().__eq__(other)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="take_rejections filters with `r not in taken` over a list: quadratic, about 7 s "
-    "for 200k refusals (a run deleted mid-training), on the caller's thread, under the lock",
-)
 def test_taking_rejections_is_linear_in_their_number() -> None:
     ledger = Ledger()
     reason = "INVALID_PARAMETER_VALUE: The run r must be in the 'active' state."

@@ -8,12 +8,9 @@ the built-in ``TimeoutError`` that ``except TimeoutError`` catches.
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
-
-import pytest
 
 from asynctrack._engine.engine import Engine
 from asynctrack.config import EngineConfig
@@ -39,12 +36,6 @@ class Recorder:
         return "RUNNING"
 
 
-@pytest.mark.xfail(
-    sys.version_info < (3, 11),
-    strict=True,
-    reason="Engine._main suppresses only the built-in TimeoutError around "
-    "asyncio.wait_for(wake.wait(), poll): on 3.10 the first quiet poll kills the worker",
-)
 def test_the_worker_lives_through_quiet_polls() -> None:
     transport = Recorder()
     config = EngineConfig(flush_interval=1000.0, spool=False)  # only flush() sends

@@ -166,11 +166,6 @@ def slow_server() -> Iterator[str]:
     thread.join(10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Retry-After is dropped: Wire.post returns (status, text) and check_answer "
-    "never sets Transient.retry_after, so RetryPolicy's documented floor never applies",
-)
 def test_a_servers_retry_after_reaches_the_retry_policy(slow_server: str) -> None:
     transport = RestTransport(slow_server, request_timeout=10.0)
     with pytest.raises(Transient) as caught:

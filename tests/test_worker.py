@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import queue
-import sys
 import threading
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -84,11 +83,6 @@ def test_run_returns_the_result_or_raises_the_exception(make_worker: Callable[[]
         worker.run(fail(), WAIT)
 
 
-@pytest.mark.xfail(
-    sys.version_info < (3, 11),
-    strict=True,
-    reason="on 3.10 Worker.run raises concurrent.futures.TimeoutError, not the built-in one",
-)
 def test_run_gives_up_at_its_timeout(make_worker: Callable[[], Worker]) -> None:
     worker = make_worker()
     worker.start(serve)
@@ -169,11 +163,6 @@ def test_forget_lets_go_of_the_parents_thread_and_loop(make_worker: Callable[[],
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-@pytest.mark.xfail(
-    strict=True,
-    reason="Worker.start waits forever when main fails before it sets `started`: the "
-    "engine's first call then hangs (e.g. report_orphans meeting an unreadable spool dir)",
-)
 def test_a_main_that_fails_before_it_starts_does_not_hang_start(
     make_worker: Callable[[], Worker],
 ) -> None:

@@ -19,6 +19,7 @@ so callers find room while the sender is stuck, and the spool takes what memory 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import logging
@@ -158,7 +159,7 @@ class Engine:
             limit = self.config.flush_timeout if timeout is None else timeout
             try:
                 barrier.future.result(None if math.isinf(limit) else limit)
-            except TimeoutError:
+            except concurrent.futures.TimeoutError:  # the built-in TimeoutError from 3.11
                 pending = self.pending()
                 raise FlushTimeoutError(
                     f"flush timed out after {limit} s with {pending} event(s) not yet stored "
@@ -255,7 +256,7 @@ class Engine:
         try:
             poll, last = min(_POLL, self.config.flush_interval), time.monotonic()
             while True:
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(asyncio.TimeoutError):  # built-in from 3.11
                     await asyncio.wait_for(wake.wait(), poll)
                 wake.clear()
                 self._take()
@@ -293,7 +294,10 @@ class Engine:
         except spool.SpoolError as exc:
             logger.warning("asynctrack: %s; events are kept in memory only until stored", exc)
             return None
-        report_orphans(root, self.config.spool_recover)
+        try:
+            report_orphans(root, self.config.spool_recover)
+        except OSError as exc:  # another user's unreadable directory in a shared root
+            logger.warning("asynctrack: cannot look for spools left in %s: %s", root, exc)
         return writer
 
     async def _close_spool(self) -> None:

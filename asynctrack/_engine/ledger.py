@@ -71,8 +71,8 @@ class Ledger:
         """The rejections not yet reported (only ``run_id``'s, when given), now reported."""
         with self._lock:
             if run_id is None:
-                taken, self._rejections = self._rejections, []
-                return taken
+                everything, self._rejections = self._rejections, []
+                return everything
             taken: list[Rejection] = []
             kept: list[Rejection] = []
             for rejection in self._rejections:

@@ -37,6 +37,7 @@ from asynctrack._engine.events import Event, MetaEvent
 from asynctrack._engine.intake import Intake, report_orphans
 from asynctrack._engine.jobs import Resources
 from asynctrack._engine.ledger import Ledger
+from asynctrack._engine.limiter import limiter_for
 from asynctrack._engine.queue import EventQueue
 from asynctrack._engine.retry import RetryPolicy
 from asynctrack._engine.stats import FileCounters, Stats
@@ -247,8 +248,13 @@ class Engine:
         window = WINDOW if writer is not None else min(WINDOW, self.queue.capacity)
         self.intake = intake = Intake(self.queue, writer, window)
         self._io_pool = DaemonPool(4, "asynctrack-io")
+        limiter = (
+            limiter_for(self.tracking_uri, self.config.max_in_flight)
+            if self.tracking_uri.startswith(("http://", "https://"))
+            else None  # a local store: one writer, nothing to adapt to
+        )
         dispatcher = Dispatcher(
-            intake, transport, self.ledger, self, self.config.max_in_flight, LIVE_RETRY
+            intake, transport, self.ledger, self, self.config.max_in_flight, LIVE_RETRY, limiter
         )
         pump = _Pump(dispatcher)
         pumping = asyncio.get_running_loop().create_task(pump.run())

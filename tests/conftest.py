@@ -19,7 +19,7 @@ from asynctrack import MLflowExperimentTracker
 if TYPE_CHECKING:
     from asynctrack.testing import MlflowServer
 
-pytest_plugins = ["asynctrack.testing"]
+pytest_plugins = ["asynctrack.pytest_plugin"]
 
 
 # Tests that take tens of seconds each (a demo, crashes and restarts, docker compose, large

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +17,7 @@ if TYPE_CHECKING:
 # Loads the fixtures the way users do (a no-op if a conftest already did). Importing
 # asynctrack.testing at the top would stop pytest from assert-rewriting it as a plugin,
 # so the tests import from it inside their bodies.
-pytest_plugins = ["asynctrack.testing"]
+pytest_plugins = ["asynctrack.pytest_plugin"]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -207,3 +209,16 @@ def test_postgres_server_moves_off_a_taken_port() -> None:
             finally:
                 conn.close()
         assert server.pid is None
+
+
+def test_asynctrack_testing_imports_without_pytest() -> None:
+    """The servers are for any test runner: only the fixtures need pytest."""
+    code = (
+        "import sys; sys.modules['pytest'] = None\n"  # makes `import pytest` fail
+        "import asynctrack.testing as t\n"
+        "assert t.MlflowServer and t.S3Server and not hasattr(t, 'mlflow_server')\n"
+        "print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

@@ -346,8 +346,9 @@ def test_plot_shows_one_bar_per_run_even_when_names_repeat(
     assert out.read_bytes().startswith(PNG_MAGIC)
     (ax,) = figures[0].axes
     bars = ax.patches
-    assert sorted(b.get_width() for b in bars) == sorted(values)
-    assert len({b.get_y() for b in bars}) == 3  # three rows, none drawn over another
+    assert sorted(b.get_width() for b in bars) == sorted(values)  # type: ignore[attr-defined]
+    # three rows, none drawn over another
+    assert len({b.get_y() for b in bars}) == 3  # type: ignore[attr-defined]
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert len(set(labels)) == 3 and all(lbl.startswith("rf-optimized") for lbl in labels)
 
@@ -466,8 +467,8 @@ def test_tracking_uri_after_the_subcommand_and_paths_to_a_store(
     # The server's own store, named by its file and by its directory.
     db = mlflow_server.workdir / "mlflow.db"
     for store in (str(db), str(mlflow_server.workdir), f"sqlite:///{db}"):
-        out = invoke("runs", "best", experiment_name, "--tracking-uri", store, "--format", "json")
-        assert json.loads(out.stdout)["run_id"] == runs["beta"]
+        out = invoke("runs", "best", experiment_name, "--tracking-uri", store, "--format", "json")  # type: ignore[assignment]
+        assert json.loads(out.stdout)["run_id"] == runs["beta"]  # type: ignore[attr-defined]
 
 
 def test_status_of_a_missing_directory_is_an_error(tmp_path: Path) -> None:

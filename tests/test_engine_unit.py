@@ -391,7 +391,7 @@ def make_engine() -> Iterator[Any]:
     def make(**settings: Any) -> tuple[Engine, FakeTransport]:
         transport = FakeTransport()
         settings.setdefault("flush_interval", 1000.0)  # only flush() or a full queue sends
-        engine = Engine("fake://", EngineConfig.resolve(**settings), lambda u, t: transport)
+        engine = Engine("fake://", EngineConfig.resolve(**settings), lambda u, t: transport)  # type: ignore[return-value]
         engines.append(engine)
         return engine, transport
 
@@ -660,7 +660,7 @@ SECRET_URI = "http://alice:s3cret-pw@127.0.0.1:1"
 def _engine_at(uri: str, **settings: Any) -> tuple[Engine, FakeTransport]:
     transport = FakeTransport()
     settings.setdefault("flush_interval", 1000.0)
-    engine = Engine(uri, EngineConfig.resolve(**settings), lambda uri, timeout: transport)
+    engine = Engine(uri, EngineConfig.resolve(**settings), lambda uri, timeout: transport)  # type: ignore[return-value]
     return engine, transport
 
 
@@ -800,7 +800,7 @@ def test_a_flush_without_a_timeout_waits_while_the_server_makes_progress() -> No
     transport = SlowTransport()
     transport.gate.set()
     config = EngineConfig.resolve(flush_interval=1000.0, flush_timeout=0.5, max_in_flight=1)
-    engine = Engine("fake://", config, lambda uri, timeout: transport)
+    engine = Engine("fake://", config, lambda uri, timeout: transport)  # type: ignore[return-value]
     try:
         for i in range(8000):  # 8 batches of 1000: about 1.2 s, more than flush_timeout
             engine.put(metric(i))

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 import time
 import weakref
@@ -256,12 +255,12 @@ def limiter_for(url: str, max_in_flight: int) -> Limiter:
         return limiter
 
 
-def _after_fork_in_child() -> None:
+def after_fork_in_child() -> None:
+    """Called by the process's one fork hook (``runtime``): the parent's requests are not
+    the child's."""
     global _registry_lock
     _registry_lock = threading.Lock()
     _registry.clear()
     for limiter in list(_all_limiters):  # ones an engine still holds start afresh too
         limiter._reset()
 
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

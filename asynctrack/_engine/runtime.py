@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from asynctrack._engine import limiter
 from asynctrack._engine.engine import Engine, State
 from asynctrack._engine.stats import Stats
 from asynctrack._engine.transport import redact
@@ -185,6 +186,7 @@ def _after_fork_in_child() -> None:
     """The one fork hook: every engine starts afresh, with nothing of its parent's."""
     global _lock
     _lock = threading.Lock()  # the parent may have held it while forking
+    limiter.after_fork_in_child()
     for engine in _engines.values():
         engine.after_fork()
         _register_mp_finalizer(engine)

@@ -83,7 +83,10 @@ class _RunMethods(ArtifactMethods):
         run = self._run_var.get() or self._active()
         when: float | int = time.time() if timestamp is None else check_timestamp("*", timestamp)
         put = run.put
-        step = 0 if step is None else check_step("<step>", step)
+        if step is None:
+            step = 0
+        elif type(step) is not int or not -9223372036854775808 <= step <= 9223372036854775807:
+            step = check_step("<step>", step)
         errors: list[Exception] = []
         for key, value in metrics.items():
             try:

@@ -34,6 +34,12 @@ class Run:
     # Params already logged, to refuse a changed value at the call (the server refuses the
     # whole request, metrics included, if it sees one).
     params: dict[str, str] = field(default_factory=dict, repr=False)
+    #: The process that started the run: only it ends the run (a forked child that leaves
+    #: the run's block, say through ``sys.exit``, must not end its parent's run).
+    pid: int = field(default_factory=os.getpid, repr=False)
+
+    def owned(self) -> bool:
+        return self.pid == os.getpid()
 
 
 #: The innermost run active in this thread or task: the parent of a NestedRunTracker, and
@@ -247,6 +253,8 @@ def end_open_runs() -> None:
 
     status = "FAILED" if getattr(sys, "last_value", None) is not None else "FINISHED"
     for run in list(open_runs.values()):
+        if not run.owned():
+            continue  # a forked child's copy of its parent's run
         open_runs.pop(run.run_id, None)
         pop_fluent(run)
         with contextlib.suppress(Exception):  # an engine already closed: nothing to do

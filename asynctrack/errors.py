@@ -7,14 +7,20 @@ working for code that does not know asynctrack::
     AsyncTrackError
     ├── NoActiveRunError (RuntimeError)      logging with no run started
     ├── ConfigError (ValueError)             an invalid engine setting
-    ├── ParamConflictError (ValueError)      a param re-logged with another value
+    ├── InvalidInputError (MlflowException, ValueError)
+    │   │                                    a key, value, step or timestamp MLflow refuses
+    │   ├── InvalidInputTypeError (TypeError)  ...of a type MLflow cannot convert
+    │   ├── ValueOverflowError (OverflowError) an int too large for a double
+    │   └── ParamConflictError               a param re-logged with another value
     ├── QueueFullError (BufferError)         the queue stayed full (policy "raise" or timeout)
     ├── FlushTimeoutError (TimeoutError)     flush() or run end passed its deadline
     ├── DeliveryError                        the server refused some events
     └── EngineClosedError (RuntimeError)     logging after the engine shut down
 
-Invalid keys and metric values raise plain ``ValueError`` / ``TypeError`` at the call, as
-MLflow's own validation does.
+Input MLflow would refuse is refused at the call with an ``InvalidInputError``: it is also
+the ``MlflowException`` MLflow raises (error code ``INVALID_PARAMETER_VALUE``), and the
+built-in MLflow's conversion raises (``ValueError``, ``TypeError`` for an unconvertible type,
+``OverflowError`` for an int beyond a double's range), so existing ``except`` clauses work.
 """
 
 from __future__ import annotations
@@ -22,16 +28,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
 __all__ = [
     "AsyncTrackError",
     "ConfigError",
     "DeliveryError",
     "EngineClosedError",
     "FlushTimeoutError",
+    "InvalidInputError",
+    "InvalidInputTypeError",
     "NoActiveRunError",
     "ParamConflictError",
     "QueueFullError",
     "Rejection",
+    "ValueOverflowError",
 ]
 
 
@@ -47,7 +59,22 @@ class ConfigError(AsyncTrackError, ValueError):
     """An engine setting (keyword argument or ``ASYNCTRACK_*`` variable) is invalid."""
 
 
-class ParamConflictError(AsyncTrackError, ValueError):
+class InvalidInputError(AsyncTrackError, MlflowException, ValueError):
+    """A key, value, step or timestamp MLflow would refuse; raised at the logging call."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class InvalidInputTypeError(InvalidInputError, TypeError):
+    """A metric value, step or timestamp of a type that is not a number MLflow converts."""
+
+
+class ValueOverflowError(InvalidInputError, OverflowError):
+    """A metric value too large for a double (MLflow raises ``OverflowError`` too)."""
+
+
+class ParamConflictError(InvalidInputError):
     """A param was logged again in the same run with a different value (MLflow forbids it)."""
 
 

@@ -31,6 +31,7 @@ from asynctrack._engine.events import (
     check_key,
     check_step,
     check_text_value,
+    check_timestamp,
     check_value,
 )
 from asynctrack._engine.stats import Stats
@@ -179,40 +180,43 @@ class MLflowExperimentTracker(ArtifactMethods):
                 check_key(key, "metric")
         except TypeError:  # an unhashable key: check_key names it
             check_key(key, "metric")
-        if type(value) is not float and type(value) is not int:
+        if type(value) is not float:
             value = check_value(key, value)
         if step is None:
             step = 0
-        elif type(step) is not int:
+        elif type(step) is not int or not -9223372036854775808 <= step <= 9223372036854775807:
             step = check_step(key, step)
-        engine = run.engine
-        when = time.time() if timestamp is None else timestamp / 1000
+        # Seconds as a float, or the caller's own integer milliseconds (see events.py).
+        when = time.time() if timestamp is None else check_timestamp(key, timestamp)
         event = (run.run_id, key, value, when, step)
         # engine.put() inlined: this line runs once per metric, in the training loop.
+        engine = run.engine
         if engine.open and len(engine._buf) < engine._capacity:
             engine._buf.append(event)
         else:
             engine.put(event)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(
+        self,
+        metrics: Mapping[str, float],
+        step: int | None = None,
+        timestamp: int | None = None,
+    ) -> None:
         """Log several metrics at one timestamp; invalid ones are named, the rest are logged."""
         run = self._run_var.get() or self._active()
-        timestamp = time.time()
+        when: float | int = time.time() if timestamp is None else check_timestamp("*", timestamp)
         put = run.engine.put
-        if step is None:
-            step = 0
-        elif type(step) is not int:
-            step = check_step("<step>", step)
+        step = 0 if step is None else check_step("<step>", step)
         errors: list[Exception] = []
         for key, value in metrics.items():
             try:
                 check_key(key, "metric")
-                if type(value) is not float and type(value) is not int:
+                if type(value) is not float:
                     value = check_value(key, value)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:
                 errors.append(exc)
                 continue
-            put((run.run_id, key, value, timestamp, step))
+            put((run.run_id, key, value, when, step))
         if errors:
             _raise_collected(errors)
 
@@ -425,6 +429,14 @@ class _RunScope:
 def _finish(run: Run, status: str, failing: bool) -> None:
     """End a run; while an exception is escaping, report delivery problems without masking it."""
     _runs.open_runs.pop(run.run_id, None)
+    if not run.owned():
+        # A forked child leaving its parent's run block: store what the child logged, but
+        # the run, its status and end time stay the parent's.
+        try:
+            run.engine.flush(run_id=run.run_id)
+        except Exception as exc:
+            logger.warning("asynctrack: while leaving run %s in a child: %s", run.run_id, exc)
+        return
     if not failing:
         run.engine.end_run(run.run_id, status)
         return

@@ -1,10 +1,18 @@
 """Events and the cheap checks the hot path makes before queueing them.
 
-A metric is a plain tuple ``(run_id, key, value, timestamp, step)``, the timestamp in
-seconds as ``time.time()`` gives it (converted to MLflow's milliseconds on the worker): it
-is the most frequent event, and a 5-tuple is the smallest object that holds it (about 150
-bytes with its value and timestamp). Everything else is a :class:`MetaEvent` or a :class:`Barrier`,
-rare enough that a class costs nothing.
+A metric is a plain tuple ``(run_id, key, value, when, step)``: it is the most frequent
+event, and a 5-tuple is the smallest object that holds it (about 150 bytes with its value
+and timestamp). ``when`` is either ``time.time()`` taken at the call (a float, seconds)
+or the caller's own timestamp, an ``int`` of milliseconds kept exactly as given. The worker
+turns a float into ``int(when * 1000)``, which is what MLflow's ``get_current_time_millis``
+computes, so both forms are stored exactly as plain MLflow would store them; only a float
+costs nothing more on the hot path than ``time.time()``.
+
+Values are made ``float`` at the call, as MLflow converts them, so the queue and the spool
+hold only built-in types; the one exception is a tensor on an accelerator, whose
+conversion would wait for the device: it is queued as a one-element copy and converted on
+the worker (see :func:`check_value`). Everything else is a :class:`MetaEvent`, a
+:class:`Job` or a :class:`Barrier`, rare enough that a class costs nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +28,17 @@ import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Union
 
-Metric = tuple[str, str, Any, float, int]
+from asynctrack.errors import (
+    InvalidInputError,
+    InvalidInputTypeError,
+    Rejection,
+    ValueOverflowError,
+)
+
+Metric = tuple[str, str, Any, "float | int", int]
+
+#: MLflow stores steps and timestamps as int64 (a larger one breaks the whole request).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 # MLflow's limits (mlflow/utils/validation.py); the server rejects anything beyond them.
 MAX_KEY_LENGTH = 250
@@ -37,48 +55,144 @@ def now_ms() -> int:
 
 
 def check_key(key: object, what: str) -> str:
-    """Validate a metric, param or tag key as MLflow does; raise ``ValueError`` naming it."""
+    """Validate a metric, param or tag key as MLflow does; raise InvalidInputError naming it."""
     if not isinstance(key, str):
-        raise ValueError(f"{what} key must be a string, got {type(key).__name__}: {key!r}")
+        raise InvalidInputError(f"{what} key must be a string, got {type(key).__name__}: {key!r}")
     if key in _checked_keys:
         return key
     if len(key) > MAX_KEY_LENGTH:
-        raise ValueError(f"{what} key {key[:60]!r}... is {len(key)} characters; the limit is 250")
+        raise InvalidInputError(
+            f"{what} key {key[:60]!r}... is {len(key)} characters; the limit is 250"
+        )
     if not _KEY_RE.match(key):
-        raise ValueError(
+        raise InvalidInputError(
             f"{what} key {key!r} is invalid: keys may only contain alphanumerics, "
             "underscores, dashes, periods, spaces, colons and slashes"
         )
     norm = posixpath.normpath(key)
     if norm != key or norm == "." or norm.startswith(("..", "/")):
-        raise ValueError(f"{what} key {key!r} is invalid: it would resolve to the path {norm!r}")
+        raise InvalidInputError(
+            f"{what} key {key!r} is invalid: it would resolve to the path {norm!r}"
+        )
     if len(_checked_keys) < 100_000:  # bounded, so generated keys cannot grow it forever
         _checked_keys.add(key)
     return key
 
 
 def check_value(key: str, value: object) -> Any:
-    """Slow path for metric values that are not plain ``float``/``int``: numpy scalars and
-    other real numbers become ``float`` here, as MLflow stores them, so the queue and the
-    spool hold only built-in types."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"metric {key!r}: value must be a real number, got {type(value).__name__}: {value!r}"
-        )
-    return float(value)
+    """A metric value that is not a ``float``, converted as MLflow converts it.
+
+    ``float(value)`` for ints, bools, numpy scalars, ``Decimal``, numeric strings and
+    anything with ``__float__``; the element of a one-element array or tensor. A tensor on
+    an accelerator (``device.type`` not ``"cpu"``) is not read here: reading it would wait
+    for the device to finish its queued work, on the training loop's thread. It is queued
+    as a detached copy (one more kernel on the device's stream, no wait) and converted on
+    the worker. MLflow's own errors, raised here: ``OverflowError`` for an int beyond a
+    double, ``TypeError`` for a type ``float()`` does not take, an ``MlflowException``
+    (INVALID_PARAMETER_VALUE) for the rest; ours are all three at once.
+    """
+    try:
+        device = getattr(value, "device", None)
+        if device is not None and getattr(device, "type", "cpu") != "cpu":
+            return _device_copy(key, value)
+        if getattr(value, "ndim", 0) and hasattr(value, "item"):
+            value = value.item()  # one-element arrays and tensors only
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        raise ValueOverflowError(
+            f"metric {key!r}: value {_short_repr(value)} is too large for a double "
+            "(int too large to convert to float)"
+        ) from None
+    except TypeError:
+        what = f"{type(value).__name__}: {_short_repr(value)}" if value is not None else "None"
+        raise InvalidInputTypeError(
+            f"metric {key!r}: value must be a real number, got {what}"
+        ) from None
+    except ValueError as exc:
+        raise InvalidInputError(
+            f"metric {key!r}: invalid value {_short_repr(value)}: please specify the value as "
+            f"a valid double (64-bit floating point) ({exc})"
+        ) from None
+
+
+def _device_copy(key: str, tensor: Any) -> Any:
+    if tensor.numel() != 1:  # a shape: known without waiting for the device
+        raise ValueError(f"can only convert a tensor of one element, not {tensor.numel()}")
+    return tensor.detach().clone()
+
+
+def resolve_value(value: Any) -> float:
+    """On the worker: the float of a value queued unconverted (a tensor on a device)."""
+    return float(value.item() if hasattr(value, "item") else value)
 
 
 def check_step(key: str, step: object) -> int:
-    if type(step) is int:
-        return step
+    """A step given as a non-``int`` or outside int64 (the hot path checks the common case)."""
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise TypeError(f"metric {key!r}: step must be an integer, got {step!r}")
-    return int(step)
+        raise InvalidInputTypeError(f"metric {key!r}: step must be an integer, got {step!r}")
+    step = int(step)
+    if not INT64_MIN <= step <= INT64_MAX:
+        raise InvalidInputError(
+            f"metric {key!r}: step {step} is out of range: MLflow stores steps as 64-bit "
+            f"integers ({INT64_MIN} to {INT64_MAX})"
+        )
+    return step
+
+
+def check_timestamp(key: str, timestamp: object) -> int:
+    """A caller's timestamp: an integer of milliseconds, from 0 to the int64 maximum."""
+    if isinstance(timestamp, bool) or not isinstance(timestamp, numbers.Integral):
+        raise InvalidInputTypeError(
+            f"metric {key!r}: timestamp must be an integer number of milliseconds, "
+            f"got {timestamp!r}"
+        )
+    timestamp = int(timestamp)
+    if not 0 <= timestamp <= INT64_MAX:
+        raise InvalidInputError(
+            f"metric {key!r}: timestamp {timestamp} is out of range: it must be a "
+            f"nonnegative 64-bit integer of milliseconds (0 to {INT64_MAX})"
+        )
+    return timestamp
+
+
+def to_ms(when: float | int) -> int:
+    """A metric's ``when`` as MLflow's integer milliseconds."""
+    return when if type(when) is int else int(when * 1000)
+
+
+def to_seconds(when: float | int) -> float:
+    return when / 1000 if type(when) is int else float(when)
+
+
+def resolve_chunk(events: list[Any]) -> list[Rejection]:
+    """On the worker, before a chunk is spooled: convert values queued unconverted.
+
+    An event whose value still cannot be converted is taken out of ``events`` and returned
+    as a refusal, so it costs no other event its place.
+    """
+    refused: list[Rejection] = []
+    kept: list[Any] = []
+    for event in events:
+        if type(event) is tuple and type(event[2]) is not float:
+            try:
+                event = (event[0], event[1], resolve_value(event[2]), event[3], event[4])
+            except Exception as exc:
+                reason = f"cannot convert the value to a double: {type(exc).__name__}: {exc}"
+                refused.append(Rejection(event[0], "metric", event[1], reason))
+                continue
+        kept.append(event)
+    events[:] = kept
+    return refused
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + "..." + text[-10:]
 
 
 def to_json_number(value: Any) -> str:
     """A metric value as JSON, with protobuf's spelling of NaN and infinities."""
-    f = float(value)
+    f = value if type(value) is float else resolve_value(value)
     if math.isfinite(f):
         return repr(f)
     if math.isnan(f):
@@ -93,7 +207,7 @@ def check_text_value(kind: str, key: str, value: object, limit: int) -> str:
         from mlflow.environment_variables import MLFLOW_TRUNCATE_LONG_VALUES
 
         if not MLFLOW_TRUNCATE_LONG_VALUES.get():
-            raise ValueError(
+            raise InvalidInputError(
                 f"{kind} {key!r}: value is {len(text)} characters; the limit is {limit}"
             )
         warnings.warn(

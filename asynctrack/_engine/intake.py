@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from asynctrack._engine import spool
-from asynctrack._engine.events import Barrier, Event, Job
+from asynctrack._engine.events import Barrier, Event, Job, resolve_chunk
+from asynctrack.errors import Rejection
 
 logger = logging.getLogger("asynctrack")
 
@@ -53,6 +54,8 @@ class Intake:
         self._last_sync = time.monotonic()
         self.error = ""  # the spool's failure, while it fails, for messages
         self._warned = ""
+        #: Events taken out of their chunk because their value could not be converted.
+        self.refused: list[Rejection] = []
 
     # ------------------------------------------------------------------ taking
 
@@ -63,9 +66,10 @@ class Intake:
             if self.writer is None and self.mem_events >= self.window and not everything:
                 return  # no spool: callers meet the queue's capacity
             chunk = [buf.popleft() for _ in range(min(len(buf), CHUNK))]
+            record = self._encode(chunk)
             barriers = sum(1 for e in chunk if type(e) is Barrier)
             room = self.backlog is None and (self.mem_events < self.window or everything)
-            at = self._spool(chunk, len(chunk) - barriers)
+            at = self._spool(record, len(chunk) - barriers)
             if at is None and self.writer is not None and not room:
                 # The spool failed (disk full, limit reached) and memory is full: leave
                 # the events queued; callers meet the queue's capacity, told why.
@@ -80,10 +84,23 @@ class Intake:
             else:
                 self._spill(at, chunk)
 
-    def _spool(self, chunk: list[Event], count: int) -> tuple[int, int, int] | None:
-        """Append ``chunk`` as one record; return (segment, its start, its end), or None."""
+    def _encode(self, chunk: list[Event]) -> bytes | None:
+        if self.writer is None:
+            return None
+        try:
+            return spool.encode(chunk)
+        except ValueError:  # a value queued unconverted (a device tensor): convert it now
+            self.refused.extend(resolve_chunk(chunk))
+        try:
+            return spool.encode(chunk)
+        except ValueError as exc:  # cannot happen with built-in types; kept in memory only
+            logger.error("asynctrack: a chunk of events cannot be spooled: %s", exc)
+            return None
+
+    def _spool(self, record: bytes | None, count: int) -> tuple[int, int, int] | None:
+        """Append one encoded chunk; return (segment, its start, its end), or None."""
         writer = self.writer
-        if writer is None:
+        if writer is None or record is None:
             return None
         try:
             if writer.full():
@@ -91,7 +108,7 @@ class Intake:
                 self._seal(writer.segment - 1)
             start = writer.size
             if count:
-                writer.append(spool.encode(chunk))
+                writer.append(record)
         except spool.SpoolError as exc:
             if str(exc) != self._warned:  # once per kind of failure, not per chunk
                 logger.warning("asynctrack: %s; events are kept in memory only", exc)

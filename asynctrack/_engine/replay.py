@@ -18,7 +18,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from asynctrack._engine import spool
 from asynctrack._engine.batching import MAX_METRICS, pack_meta
-from asynctrack._engine.events import MetaEvent, Metric
+from asynctrack._engine.events import MetaEvent, Metric, to_seconds
 from asynctrack._engine.transport import (
     _TRANSIENT_STATUS,
     Refused,
@@ -114,8 +114,9 @@ def _survey(paths: list[Path], writing: bool = False) -> _Survey:
                 survey.events += 1
                 if type(event) is tuple:
                     survey.runs.add(event[0])
-                    if survey.oldest is None or event[3] < survey.oldest:
-                        survey.oldest = event[3]
+                    when = to_seconds(event[3])
+                    if survey.oldest is None or when < survey.oldest:
+                        survey.oldest = when
                 else:
                     survey.runs.add(event.run_id)
                     if isinstance(event, MetaEvent) and event.kind == "end":
@@ -206,7 +207,8 @@ class _Replayer:
         self._timeout = timeout
         self._deadline = time.monotonic() + timeout
         self._request_timeout = min(_REQUEST_TIMEOUT, max(timeout, 1.0))
-        self._expired, self._last_error, self._uri = False, "", ""
+        self._last_error, self._uri = "", ""
+        self._silent: set[str] = set()  # servers that did not answer in this sync
         self._transport: Transport | None = None
         self._client: Any = None
         self._waiting = 0  # events of the current directory neither stored nor refused
@@ -239,9 +241,19 @@ class _Replayer:
                 survey = _survey(segments)
             self._waiting = survey.events
             uri = self._uri_for(found)
-            if uri is None or self._expired:
+            if uri is None:
                 self.report.left += self._waiting
                 return
+            if uri in self._silent:  # waited for once already: not again for each directory
+                self.report.left += self._waiting
+                self.report.errors.append(
+                    f"{where}: left for later, its server {redact(uri)} did not answer; "
+                    f"{self._waiting} events stay in the spool for the next sync"
+                )
+                return
+            # Each directory has a deadline of its own: a server that is gone for good (an
+            # old laptop's URI) must not keep any other directory from being recovered.
+            self._deadline = time.monotonic() + self._timeout
             self._uri, self._transport, self._client = uri, None, None
             self._finished = survey.done
             self._last_metric = {}
@@ -251,11 +263,12 @@ class _Replayer:
                 for path in segments:
                     self._segment(path)
             except _Deadline:
-                self._expired = True
+                self._silent.add(uri)
                 self.report.left += self._waiting
                 self.report.errors.append(
-                    f"{where}: the server did not answer in time ({self._last_error}); "
-                    f"{self._waiting} events stay in the spool for the next sync"
+                    f"{where}: left for later, its server {redact(uri)} did not answer in time "
+                    f"({self._timeout:g} s: {self._last_error}); {self._waiting} events stay in "
+                    "the spool for the next sync"
                 )
                 return
             if not any(where.glob("*.seg")):
@@ -305,7 +318,8 @@ class _Replayer:
             for event in events:
                 if type(event) is tuple:
                     runs.setdefault(event[0], _Run()).metrics.append(event)
-                    self._last_metric[event[0]] = max(self._last_metric.get(event[0], 0), event[3])
+                    when = to_seconds(event[3])
+                    self._last_metric[event[0]] = max(self._last_metric.get(event[0], 0), when)
                 elif isinstance(event, spool.ArtifactDone):
                     continue
                 elif isinstance(event, spool.Artifact):
@@ -349,7 +363,9 @@ class _Replayer:
             # stores about twice as much with calls in flight, as the worker's are.
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(_IN_FLIGHT, thread_name_prefix="asynctrack-sync")
-            for future in [self._pool.submit(self._send, run_id, b) for b in batches]:
+            futures = [self._pool.submit(self._send, run_id, b) for b in batches]
+            wait(futures)  # all of them: none may outlive this directory's replay
+            for future in futures:
                 future.result()  # a _Deadline in any of them ends this directory's replay
         else:
             for batch in batches:
@@ -428,6 +444,8 @@ class _Replayer:
                 continue
             except Refused as exc:
                 result = exc
+            except Exception as exc:  # one record that cannot be sent must not stop the sync
+                result = Refused(_short(f"not sent: {type(exc).__name__}: {exc}"), True)
             # an answer: a long replay is not cut short by a brief outage late in it
             self._deadline = time.monotonic() + self._timeout
             return result

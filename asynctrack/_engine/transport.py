@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from asynctrack._engine.events import Metric, to_json_number
+from asynctrack._engine.events import INT64_MAX, INT64_MIN, Metric, to_json_number, to_ms
 from asynctrack._engine.wire import Wire
 from asynctrack._engine.wire import usable as wire_usable
 
@@ -80,7 +80,7 @@ def encode_log_batch(
     tags: Sequence[KeyValue],
 ) -> str:
     """The ``log-batch`` request body, as MLflow's REST API expects it."""
-    prefixes, finite = _key_prefix, math.isfinite
+    prefixes, finite, low, high = _key_prefix, math.isfinite, INT64_MIN, INT64_MAX
     parts: list[str] = []
     for start in range(0, len(metrics), _SLICE):
         if start:
@@ -88,7 +88,8 @@ def encode_log_batch(
         parts.extend(
             f"{prefixes.get(key) or _prefix(key)}"
             f"{repr(value) if type(value) is float and finite(value) else to_json_number(value)}"
-            f',"timestamp":{int(when * 1000)},"step":{step}}}'
+            f',"timestamp":{int(when * 1000) if type(when) is float else _ms(key, when)}'
+            f',"step":{step if low <= step <= high else _bad(key, step)}}}'
             for _, key, value, when, step in metrics[start : start + _SLICE]
         )
     body = [f'{{"run_id":{json.dumps(run_id)},"metrics":[{",".join(parts)}]']
@@ -98,6 +99,18 @@ def encode_log_batch(
         body.append(f',"tags":{json.dumps([{"key": k, "value": v} for k, v in tags])}')
     body.append("}")
     return "".join(body)
+
+
+def _ms(key: str, when: float | int) -> int:
+    if type(when) is int and 0 <= when <= INT64_MAX:
+        return when
+    return _bad(key, when)
+
+
+def _bad(key: str, number: object) -> int:
+    # The server stores 0 for an int64 overflow and drops the rest of the request, silently:
+    # never send one (the caller's checks make this a guard against old spools and bugs).
+    raise ValueError(f"metric {key!r}: {number} is outside int64 ({INT64_MIN} to {INT64_MAX})")
 
 
 class RestTransport:
@@ -203,7 +216,7 @@ class StoreTransport:
         self._call(
             self._client.log_batch,
             run_id,
-            metrics=[MetricEntity(m[1], float(m[2]), int(m[3] * 1000), m[4]) for m in metrics],
+            metrics=[MetricEntity(m[1], float(m[2]), to_ms(m[3]), m[4]) for m in metrics],
             params=[Param(k, v) for k, v in params],
             tags=[RunTag(k, v) for k, v in tags],
             synchronous=True,

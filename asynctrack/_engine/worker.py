@@ -325,6 +325,10 @@ class Engine:
         intake.pull(everything)
         self._held += intake.taken - taken
         self._barriers -= intake.barriers - barriers
+        if intake.refused:  # values that could not be converted, taken out of their chunk
+            refused, intake.refused = intake.refused, []
+            self._held += len(refused)
+            self._refuse(refused, 0)
         with self._room:
             self._room.notify_all()
 
@@ -550,6 +554,8 @@ class Engine:
                 self._retried += count
             except Refused as exc:
                 return exc
+            except Exception as exc:  # it cannot be encoded (or a bug): refuse it alone
+                return Refused(f"not sent: {type(exc).__name__}: {exc}", splittable=True)
             finally:
                 self._in_flight -= 1
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.utils.async_logging.run_operations import RunOperations
 
 import asynctrack
 from asynctrack._mlflow import client as patched_client
+from asynctrack._mlflow import fluent as patched_fluent
 from asynctrack._mlflow import private
 from asynctrack.errors import DeliveryError
 from tests.faults import wait_until
@@ -60,7 +62,7 @@ def _stored(client: mlflow.MlflowClient, experiment_id: str, dst: Path) -> list[
     names = {r.info.run_id: r.info.run_name for r in runs}
     out = []
     for run in runs:
-        start, end = run.info.start_time, run.info.end_time
+        start = run.info.start_time
         tags = dict(run.data.tags)
         if "mlflow.parentRunId" in tags:
             tags["mlflow.parentRunId"] = names[tags["mlflow.parentRunId"]]
@@ -71,9 +73,9 @@ def _stored(client: mlflow.MlflowClient, experiment_id: str, dst: Path) -> list[
         for key in run.data.metrics:
             rows = []
             for m in client.get_metric_history(run.info.run_id, key):
-                stamp = m.timestamp
-                if not T0 <= stamp < T0 + 10**6:  # "now": inside the run's lifetime
-                    assert start - 1 <= stamp <= (end or stamp) + 1, (key, stamp, start, end)
+                stamp: int | str = m.timestamp
+                if not T0 <= m.timestamp < T0 + 10**6:  # "now": not before the run started
+                    assert start - 1 <= m.timestamp, (key, m.timestamp, start)
                     stamp = "now"
                 rows.append((m.step, repr(float(m.value)), stamp))
             histories[key] = sorted(rows, key=repr)
@@ -167,7 +169,7 @@ def _workload(files: Path) -> Callable[[], None]:
         with pytest.raises(ZeroDivisionError), mlflow.start_run(run_name="failed"):
             mlflow.log_metric("before_failure", 1.0, step=0, timestamp=T0)
             _ = 1 / 0
-        run = client.create_run(mlflow.get_experiment_by_name(_current_experiment()).experiment_id)
+        run = client.create_run(_current_experiment_id())
         client.set_tag(run.info.run_id, "mlflow.runName", "client-run")
         client.log_metric(run.info.run_id, "m", 1.0, timestamp=T0, step=1)
         client.set_terminated(run.info.run_id, "KILLED")
@@ -175,11 +177,10 @@ def _workload(files: Path) -> Callable[[], None]:
     return workload
 
 
-def _current_experiment() -> str:
+def _current_experiment_id() -> str:
     from mlflow.tracking.fluent import _get_experiment_id
 
-    experiment = mlflow.MlflowClient().get_experiment(_get_experiment_id())
-    return str(experiment.name)
+    return str(_get_experiment_id())
 
 
 def test_workload_is_stored_as_plain_mlflow_stores_it(
@@ -193,24 +194,32 @@ def test_workload_is_stored_as_plain_mlflow_stores_it(
 
 # ---------------------------------------------------------------------- bad input
 
+_log_metric: Any = mlflow.log_metric  # bad input on purpose: not what the stubs allow
+
 _BAD_CALLS: list[tuple[str, Callable[[], Any]]] = [
-    ("invalid key", lambda: mlflow.log_metric("bad key!", 1.0)),
-    ("string value", lambda: mlflow.log_metric("k", "abc")),
-    ("None value", lambda: mlflow.log_metric("k", None)),
-    ("long key", lambda: mlflow.log_metric("k" * 251, 1.0)),
+    ("invalid key", lambda: _log_metric("bad key!", 1.0)),
+    ("string value", lambda: _log_metric("k", "abc")),
+    ("None value", lambda: _log_metric("k", None)),
+    ("long key", lambda: _log_metric("k" * 251, 1.0)),
     ("changed param", lambda: mlflow.log_param("p", "other")),
-    ("duplicate batch params", lambda: mlflow.log_params({"q": 1}) or _duplicate_params()),
+    ("duplicate batch params", lambda: _duplicate_params()),
     ("invalid tag key", lambda: mlflow.set_tag("../up", "v")),
+    ("huge int", lambda: _log_metric("k", 10**400)),
+    ("step beyond int64", lambda: _log_metric("k", 1.0, step=2**63)),
+    ("numeric string", lambda: _log_metric("numeric_string", "1.5", timestamp=T0)),
+    ("bool", lambda: _log_metric("bool", True, timestamp=T0)),
+    ("two-element array", lambda: _log_metric("k", np.array([1.0, 2.0]))),
 ]
 
 
 def _duplicate_params() -> None:
     run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
+    mlflow.log_params({"q": 1})
     mlflow.MlflowClient().log_batch(run_id, params=[Param("d", "1"), Param("d", "2")])
 
 
-def _bad_input_outcomes() -> dict[str, tuple[str, str | None]]:
-    outcomes = {}
+def _bad_input_outcomes() -> dict[str, BaseException | None]:
+    outcomes: dict[str, BaseException | None] = {}
     with mlflow.start_run(run_name="bad-input"):
         mlflow.log_param("p", "first")
         for i, (label, call) in enumerate(_BAD_CALLS):
@@ -218,9 +227,9 @@ def _bad_input_outcomes() -> dict[str, tuple[str, str | None]]:
             try:
                 call()
             except Exception as exc:
-                outcomes[label] = (type(exc).__name__, getattr(exc, "error_code", None))
+                outcomes[label] = exc
             else:
-                outcomes[label] = ("accepted", None)
+                outcomes[label] = None
         mlflow.log_metric("good", 99.0, step=99, timestamp=T0 + 99)
     return outcomes
 
@@ -234,12 +243,22 @@ def test_bad_input_raises_what_mlflow_raises_and_loses_nothing_else(
     with asynctrack.patch_mlflow(quiet=True):
         patched = _bad_input_outcomes()
         patched_run = mlflow.last_active_run()
-    assert patched == plain
+    for label, expected in plain.items():
+        got = patched[label]
+        if expected is None:
+            assert got is None, f"{label}: MLflow accepts it, the patch raised {got!r}"
+        elif isinstance(expected, MlflowException):  # the server's refusal, or MLflow's check
+            assert isinstance(got, MlflowException), f"{label}: {got!r} instead of {expected!r}"
+            assert got.error_code == expected.error_code, label
+        else:  # a conversion error raised at the call (TypeError, OverflowError...)
+            assert isinstance(got, type(expected)), f"{label}: {got!r} instead of {expected!r}"
     assert plain_run is not None and patched_run is not None
     for run in (plain_run, patched_run):
         history = client.get_metric_history(run.info.run_id, "good")
         assert sorted(m.step for m in history) == [*range(len(_BAD_CALLS)), 99]
     assert patched_run.data.params == plain_run.data.params
+    for key in ("numeric_string", "bool"):
+        assert patched_run.data.metrics[key] == plain_run.data.metrics[key]
 
 
 # ---------------------------------------------------------------------- MLflow's contract
@@ -267,10 +286,12 @@ def test_synchronous_false_returns_an_operation_to_wait_on(
     unflushed_history = patched_client.ORIGINALS["get_metric_history"]
     with mlflow.start_run() as run:
         operation = mlflow.log_metrics({f"k{i}": i for i in range(20)}, synchronous=False)
-        assert isinstance(operation, mlflow.RunOperations)
+        assert isinstance(operation, RunOperations)
         operation.wait()
         assert len(unflushed_history(client, run.info.run_id, "k19")) == 1
-        mlflow.set_tag("tag", "v", synchronous=False).wait()
+        tagged = mlflow.set_tag("tag", "v", synchronous=False)
+        assert tagged is not None
+        tagged.wait()
         assert mlflow.log_param("p", 1) == 1  # the default mode returns what MLflow's does
         assert mlflow.log_metric("m", 1.0) is None
 
@@ -324,13 +345,13 @@ def test_flush_async_logging_is_our_flush(
 
 
 def test_patch_is_idempotent_and_unpatch_restores_mlflow() -> None:
-    original = mlflow.log_metric
+    original: Any = mlflow.log_metric
     with asynctrack.patch_mlflow(quiet=True):
         assert mlflow.log_metric is not original
         with asynctrack.patch_mlflow(quiet=True):  # already in place: leaves it on exit
             pass
         assert mlflow.log_metric is not original
-        assert mlflow.tracking.fluent.end_run is not original
+        assert mlflow.tracking.fluent.end_run is not patched_fluent.ORIGINALS["end_run"]
     assert mlflow.log_metric is original
     assert mlflow.MlflowClient.log_batch is patched_client.ORIGINALS["log_batch"]
     asynctrack.unpatch_mlflow()  # twice: nothing to do
@@ -392,8 +413,9 @@ def test_sklearn_autolog_grid_search_stores_the_same_runs(
             run["tags"] = {k: v for k, v in run["tags"].items() if k != "mlflow.runName"}
             run["name"] = "grid" if run["name"] == "grid" else "child"
             run["artifacts"] = sorted(run["artifacts"])  # cv_results' rows carry fit times
-            for key, rows in run["metrics"].items():
-                run["metrics"][key] = [(step, value) for step, value, _ in rows]
+            for key, rows in run["metrics"].items():  # fit and score times vary run to run
+                timing = key.endswith("_time")
+                run["metrics"][key] = [(step, "<t>" if timing else v) for step, v, _ in rows]
     key = lambda r: (r["name"], sorted(r["params"].items()))  # noqa: E731
     _assert_same(sorted(plain, key=key), sorted(patched, key=key))
 

@@ -2,9 +2,10 @@
 
 Everything the patched MLflow functions hand over goes through here: a run's metrics,
 params, tags, tag deletions, artifacts and end, and the flushes that reads and
-``synchronous=True`` need. Validation raises MLflow's exception (``MlflowException`` with
-``INVALID_PARAMETER_VALUE``) at the call. Timestamps arrive as MLflow's integer
-milliseconds; what unit the engine keeps is this module's business only.
+``synchronous=True`` need. Validation raises MLflow's exceptions at the call (an
+``MlflowException`` with ``INVALID_PARAMETER_VALUE``, which is also the ``TypeError`` or
+``OverflowError`` MLflow's conversion raises). Timestamps arrive as MLflow's integer
+milliseconds; how the engine keeps them is this module's business only.
 """
 
 from __future__ import annotations
@@ -13,22 +14,32 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from asynctrack._engine import all_engines, get_engine
 from asynctrack._engine.events import (
+    INT64_MAX,
+    INT64_MIN,
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
     MetaEvent,
     check_key,
     check_step,
     check_text_value,
+    check_timestamp,
     check_value,
 )
-from asynctrack.errors import FlushTimeoutError
+from asynctrack.errors import (
+    FlushTimeoutError,
+    InvalidInputError,
+    InvalidInputTypeError,
+    ParamConflictError,
+)
+
+_INT64_MIN, _INT64_MAX = INT64_MIN, INT64_MAX
 
 #: Tracking URI schemes the engine stores to (REST servers, and MLflow's own stores through
 #: ``MlflowClient``); anything else (``databricks``, plugin schemes) stays on MLflow's path.
@@ -43,14 +54,8 @@ def serves(tracking_uri: str) -> bool:
     """Whether the engine can store to ``tracking_uri`` (a local path counts as ``file:``)."""
     if tracking_uri.startswith(_SERVED):
         return True
-    return "://" not in tracking_uri and ":" not in tracking_uri
-
-
-def invalid(exc: Exception) -> NoReturn:
-    """Raise ``exc`` as MLflow would: an ``MlflowException`` with INVALID_PARAMETER_VALUE."""
-    if isinstance(exc, MlflowException):
-        raise exc
-    raise MlflowException(str(exc), INVALID_PARAMETER_VALUE) from exc
+    # A bare path is MLflow's file store; "databricks" (a profile, no scheme) is not one.
+    return ":" not in tracking_uri and not tracking_uri.startswith("databricks")
 
 
 class RunSink:
@@ -67,18 +72,15 @@ class RunSink:
         self.params: dict[str, str] = {}
 
     def metric(self, key: str, value: Any, timestamp_ms: int | None, step: int) -> None:
-        """The hot path: validate, queue, return."""
-        try:
-            if key not in _valid_keys:
-                _check_key(key, "metric")
-            if type(value) is not float and type(value) is not int:
-                value = check_value(key, value)
-            if type(step) is not int:
-                step = check_step(key, step)
-        except (TypeError, ValueError) as exc:
-            invalid(exc)
-        # The engine keeps seconds today (integer milliseconds soon): converted here only.
-        when = time.time() if timestamp_ms is None else timestamp_ms / 1000
+        """The hot path: validate (raising MLflow's exceptions), queue, return."""
+        if key not in _valid_keys:
+            _check_key(key, "metric")
+        if type(value) is not float:
+            value = _value(key, value)
+        if type(step) is not int or not _INT64_MIN <= step <= _INT64_MAX:
+            step = check_step(key, step)
+        # The engine takes time.time() seconds for "now", or the caller's integer ms.
+        when = time.time() if timestamp_ms is None else check_timestamp(key, timestamp_ms)
         self._put((self.run_id, key, value, when, step))
 
     def batch(
@@ -93,18 +95,15 @@ class RunSink:
         now = time.time()
         run_id = self.run_id
         events: list[Any] = []
-        try:
-            for key, value, timestamp_ms, step in rows:
-                if key not in _valid_keys:
-                    _check_key(key, "metric")
-                if type(value) is not float and type(value) is not int:
-                    value = check_value(key, value)
-                if type(step) is not int:
-                    step = check_step(key, step)
-                when = now if timestamp_ms is None else timestamp_ms / 1000
-                events.append((run_id, key, value, when, step))
-        except (TypeError, ValueError) as exc:
-            invalid(exc)
+        for key, value, timestamp_ms, step in rows:
+            if key not in _valid_keys:
+                _check_key(key, "metric")
+            if type(value) is not float:
+                value = _value(key, value)
+            if type(step) is not int or not _INT64_MIN <= step <= _INT64_MAX:
+                step = check_step(key, step)
+            when = now if timestamp_ms is None else check_timestamp(key, timestamp_ms)
+            events.append((run_id, key, value, when, step))
         if params:
             _check_unique(params)
             events += [e for e in (self._param(k, v) for k, v in params) if e is not None]
@@ -117,29 +116,22 @@ class RunSink:
                 self.params.setdefault(event.key, event.value)
 
     def _param(self, key: str, value: Any) -> MetaEvent | None:
-        try:
-            _check_key(key, "param")
-            text = check_text_value("param", key, value, MAX_PARAM_VALUE_LENGTH)
-        except (TypeError, ValueError) as exc:
-            invalid(exc)
+        _check_key(key, "param")
+        text = check_text_value("param", key, value, MAX_PARAM_VALUE_LENGTH)
         before = self.params.get(key)
         if before is None:
             return MetaEvent("param", self.run_id, key, text)
         if before != text:
-            raise MlflowException(
+            raise ParamConflictError(
                 f"Changing param values is not allowed. Param with key='{key}' was already "
                 f"logged with value='{before}' for run ID='{self.run_id}'. Attempted logging "
-                f"new value '{text}'.",
-                INVALID_PARAMETER_VALUE,
+                f"new value '{text}'."
             )
         return None
 
     def _tag(self, key: str, value: Any) -> MetaEvent:
-        try:
-            _check_key(key, "tag")
-            text = check_text_value("tag", key, value, MAX_TAG_VALUE_LENGTH)
-        except (TypeError, ValueError) as exc:
-            invalid(exc)
+        _check_key(key, "tag")
+        text = check_text_value("tag", key, value, MAX_TAG_VALUE_LENGTH)
         return MetaEvent("tag", self.run_id, key, text)
 
     def flush(self, timeout: float | None = None, report: bool = True) -> None:
@@ -216,6 +208,16 @@ def _existing_engine(tracking_uri: str) -> Any:
         if engine.tracking_uri == tracking_uri:
             return engine
     return None
+
+
+def _value(key: str, value: Any) -> Any:
+    try:
+        return check_value(key, value)
+    except InvalidInputError as exc:
+        if isinstance(value, str) and not isinstance(exc, TypeError):
+            # MLflow hands a non-numeric string on to protobuf, which raises TypeError.
+            raise InvalidInputTypeError(str(exc)) from None
+        raise
 
 
 def _check_unique(params: Sequence[tuple[str, Any]]) -> None:

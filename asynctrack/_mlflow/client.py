@@ -37,7 +37,7 @@ NAMES = (
     "list_artifacts",
     "download_artifacts",
 )
-ORIGINALS: dict[str, Any] = {name: getattr(MlflowClient, name) for name in NAMES}
+ORIGINALS: dict[str, Any] = {name: routing.real(getattr(MlflowClient, name)) for name in NAMES}
 
 _FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 _model_id = private.active_model_id

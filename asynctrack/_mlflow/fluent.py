@@ -29,7 +29,7 @@ NAMES = (
     "end_run",
     "flush_async_logging",
 )
-ORIGINALS: dict[str, Any] = {name: getattr(_fluent, name) for name in NAMES}
+ORIGINALS: dict[str, Any] = {name: routing.real(getattr(_fluent, name)) for name in NAMES}
 
 _active = private.active_entity
 _model_id = private.active_model_id

@@ -8,6 +8,7 @@ makes patching and unpatching safe from any thread; both are idempotent.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from types import TracebackType
@@ -18,6 +19,7 @@ __all__ = ["MlflowPatch", "is_patched", "patch_mlflow", "unpatch_mlflow"]
 _lock = threading.Lock()
 _saved: list[tuple[Any, str, Any]] = []  # (owner, name, what was there): for unpatch
 _told = False
+_NOTICED = "ASYNCTRACK_PATCH_MLFLOW_NOTICE_SHOWN"
 
 NOTICE = (
     "asynctrack: MLflow logging goes through asynctrack's engine (queued, sent in the "
@@ -77,8 +79,10 @@ def patch_mlflow(*, quiet: bool = False) -> MlflowPatch:
         for name in client.NAMES:
             _swap(MlflowClient, name, getattr(client, name))
         sink.at_exit(_end_active_run)
-        if not _told and not quiet:
+        # Once per process tree: children started later (the launcher's workers) stay quiet.
+        if not _told and not quiet and not os.environ.get(_NOTICED):
             _told = True
+            os.environ[_NOTICED] = "1"
             sys.stderr.write(NOTICE)
     return MlflowPatch(installed=True)
 
@@ -97,9 +101,11 @@ def unpatch_mlflow() -> None:
 
 
 def _swap(owner: Any, name: str, replacement: Any) -> None:
+    from asynctrack._mlflow import routing
+
     if name not in owner.__dict__:
         return  # not exported there by this MLflow version
-    _saved.append((owner, name, owner.__dict__[name]))
+    _saved.append((owner, name, routing.real(owner.__dict__[name])))
     setattr(owner, name, replacement)
 
 

@@ -25,6 +25,12 @@ _lock = threading.Lock()
 default_async = False
 
 
+def real(function: Any) -> Any:
+    """MLflow's own function behind a trampoline of the environment switch (see
+    ``asynctrack_mlflow_hook``), or the function itself."""
+    return getattr(function, "__asynctrack_original__", function)
+
+
 def sink_of_run(run_id: str) -> sink.RunSink | None:
     """The sink of a run of the current tracking URI (fluent calls), None for MLflow's path."""
     try:

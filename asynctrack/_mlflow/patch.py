@@ -76,6 +76,7 @@ def patch_mlflow(*, quiet: bool = False) -> MlflowPatch:
             replacement = getattr(fluent, name)
             for owner in (mlflow, fluent_module):
                 _swap(owner, name, replacement)
+        _rebind_imported_copies(fluent.ORIGINALS, fluent)
         for name in client.NAMES:
             _swap(MlflowClient, name, getattr(client, name))
         sink.at_exit(_end_active_run)
@@ -107,6 +108,22 @@ def _swap(owner: Any, name: str, replacement: Any) -> None:
         return  # not exported there by this MLflow version
     _saved.append((owner, name, routing.real(owner.__dict__[name])))
     setattr(owner, name, replacement)
+
+
+def _rebind_imported_copies(originals: dict[str, Any], replacements: Any) -> None:
+    """Modules that did ``from mlflow import log_metrics`` before the patch (MLflow's own
+    ``mlflow.keras.callback``, or a user's script) hold MLflow's function: point those
+    names at the replacement too (and back at unpatch)."""
+    from asynctrack._mlflow import routing
+
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for name, original in originals.items():
+            value = namespace.get(name)
+            if value is not None and routing.real(value) is original:
+                _swap(module, name, getattr(replacements, name))
 
 
 def _end_active_run() -> None:

@@ -11,11 +11,12 @@ import contextlib
 import contextvars
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from asynctrack._engine import Engine, get_engine
-from asynctrack._engine.events import check_key
+from asynctrack._engine.events import Event, check_key
 from asynctrack._engine.runtime import before_exit
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -38,8 +39,30 @@ class Run:
     #: the run's block, say through ``sys.exit``, must not end its parent's run).
     pid: int = field(default_factory=os.getpid, repr=False)
 
+    def __post_init__(self) -> None:
+        #: The hot path's door: the engine queue's ``put``, looked up once per run.
+        self.put: Callable[[Event], None] = self.engine.queue.put
+
     def owned(self) -> bool:
         return self.pid == os.getpid()
+
+
+class RunSource(Protocol):
+    """Where a logger finds its run: a tracker's context variable, or one fixed run."""
+
+    def get(self) -> Run | None: ...
+
+
+class FixedRun:
+    """A :class:`RunSource` for a logger bound to one run (the decorators')."""
+
+    __slots__ = ("_run",)
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+
+    def get(self) -> Run:
+        return self._run
 
 
 #: The innermost run active in this thread or task: the parent of a NestedRunTracker, and

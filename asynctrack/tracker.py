@@ -35,7 +35,7 @@ from asynctrack._engine.events import (
     check_value,
 )
 from asynctrack._engine.stats import Stats
-from asynctrack._runs import Run
+from asynctrack._runs import FixedRun, Run, RunSource
 from asynctrack.errors import NoActiveRunError, ParamConflictError
 
 __all__ = ["MLflowExperimentTracker", "NestedRunTracker"]
@@ -43,7 +43,103 @@ __all__ = ["MLflowExperimentTracker", "NestedRunTracker"]
 logger = logging.getLogger("asynctrack")
 
 
-class MLflowExperimentTracker(ArtifactMethods):
+class _RunMethods(ArtifactMethods):
+    """The logging methods, for the run ``_run_var`` gives (else ``_active()``): shared by
+    trackers, whose run depends on the thread or task, and :class:`RunLogger`."""
+
+    _run_var: RunSource
+
+    def _active(self) -> Run:
+        raise NoActiveRunError("no active run")
+
+    # ------------------------------------------------------------------ the hot path
+
+    def log_metric(
+        self, key: str, value: float, step: int | None = None, timestamp: int | None = None
+    ) -> None:
+        run = self._run_var.get() or self._active()
+        try:
+            if key not in _checked_keys:
+                check_key(key, "metric")
+        except TypeError:  # an unhashable key: check_key names it
+            check_key(key, "metric")
+        if type(value) is not float:
+            value = check_value(key, value)
+        if step is None:
+            step = 0
+        elif type(step) is not int or not -9223372036854775808 <= step <= 9223372036854775807:
+            step = check_step(key, step)
+        # Seconds as a float, or the caller's own integer milliseconds (see events.py).
+        when = time.time() if timestamp is None else check_timestamp(key, timestamp)
+        event = (run.run_id, key, value, when, step)
+        run.put(event)
+
+    def log_metrics(
+        self,
+        metrics: Mapping[str, float],
+        step: int | None = None,
+        timestamp: int | None = None,
+    ) -> None:
+        """Log several metrics at one timestamp; invalid ones are named, the rest are logged."""
+        run = self._run_var.get() or self._active()
+        when: float | int = time.time() if timestamp is None else check_timestamp("*", timestamp)
+        put = run.put
+        step = 0 if step is None else check_step("<step>", step)
+        errors: list[Exception] = []
+        for key, value in metrics.items():
+            try:
+                check_key(key, "metric")
+                if type(value) is not float:
+                    value = check_value(key, value)
+            except (TypeError, ValueError, OverflowError) as exc:
+                errors.append(exc)
+                continue
+            put((run.run_id, key, value, when, step))
+        if errors:
+            _raise_collected(errors)
+
+    def log_param(self, key: str, value: Any) -> None:
+        run = self._run_var.get() or self._active()
+        check_key(key, "param")
+        text = check_text_value("param", key, value, MAX_PARAM_VALUE_LENGTH)
+        before = run.params.get(key)
+        if before is None:
+            run.params[key] = text
+            run.put(MetaEvent("param", run.run_id, key, text))
+        elif before != text:
+            raise ParamConflictError(
+                f"param {key!r} of run {run.run_id} is already {before!r}; MLflow does not "
+                f"allow changing it to {text!r}"
+            )
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        errors: list[Exception] = []
+        for key, value in params.items():
+            try:
+                self.log_param(key, value)
+            except (TypeError, ValueError) as exc:
+                errors.append(exc)
+        if errors:
+            _raise_collected(errors)
+
+    def set_tag(self, key: str, value: Any) -> None:
+        run = self._run_var.get() or self._active()
+        check_key(key, "tag")
+        text = check_text_value("tag", key, value, MAX_TAG_VALUE_LENGTH)
+        run.put(MetaEvent("tag", run.run_id, key, text))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        errors: list[Exception] = []
+        for key, value in tags.items():
+            try:
+                self.set_tag(key, value)
+            except (TypeError, ValueError) as exc:
+                errors.append(exc)
+        if errors:
+            _raise_collected(errors)
+
+
+class MLflowExperimentTracker(_RunMethods):
     """Logs to runs of one experiment; also a context manager that starts a run.
 
     ``with tracker.start_run(run_name=...):`` or ``with MLflowExperimentTracker(...) as t:``
@@ -169,97 +265,6 @@ class MLflowExperimentTracker(ArtifactMethods):
         run = self._run_var.get() or self._last_run
         return run.artifact_uri if run else None
 
-    # ------------------------------------------------------------------ the hot path
-
-    def log_metric(
-        self, key: str, value: float, step: int | None = None, timestamp: int | None = None
-    ) -> None:
-        run = self._run_var.get() or self._active()
-        try:
-            if key not in _checked_keys:
-                check_key(key, "metric")
-        except TypeError:  # an unhashable key: check_key names it
-            check_key(key, "metric")
-        if type(value) is not float:
-            value = check_value(key, value)
-        if step is None:
-            step = 0
-        elif type(step) is not int or not -9223372036854775808 <= step <= 9223372036854775807:
-            step = check_step(key, step)
-        # Seconds as a float, or the caller's own integer milliseconds (see events.py).
-        when = time.time() if timestamp is None else check_timestamp(key, timestamp)
-        event = (run.run_id, key, value, when, step)
-        # engine.put() inlined: this line runs once per metric, in the training loop.
-        engine = run.engine
-        if engine.open and len(engine._buf) < engine._capacity:
-            engine._buf.append(event)
-        else:
-            engine.put(event)
-
-    def log_metrics(
-        self,
-        metrics: Mapping[str, float],
-        step: int | None = None,
-        timestamp: int | None = None,
-    ) -> None:
-        """Log several metrics at one timestamp; invalid ones are named, the rest are logged."""
-        run = self._run_var.get() or self._active()
-        when: float | int = time.time() if timestamp is None else check_timestamp("*", timestamp)
-        put = run.engine.put
-        step = 0 if step is None else check_step("<step>", step)
-        errors: list[Exception] = []
-        for key, value in metrics.items():
-            try:
-                check_key(key, "metric")
-                if type(value) is not float:
-                    value = check_value(key, value)
-            except (TypeError, ValueError, OverflowError) as exc:
-                errors.append(exc)
-                continue
-            put((run.run_id, key, value, when, step))
-        if errors:
-            _raise_collected(errors)
-
-    def log_param(self, key: str, value: Any) -> None:
-        run = self._run_var.get() or self._active()
-        check_key(key, "param")
-        text = check_text_value("param", key, value, MAX_PARAM_VALUE_LENGTH)
-        before = run.params.get(key)
-        if before is None:
-            run.params[key] = text
-            run.engine.put(MetaEvent("param", run.run_id, key, text))
-        elif before != text:
-            raise ParamConflictError(
-                f"param {key!r} of run {run.run_id} is already {before!r}; MLflow does not "
-                f"allow changing it to {text!r}"
-            )
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        errors: list[Exception] = []
-        for key, value in params.items():
-            try:
-                self.log_param(key, value)
-            except (TypeError, ValueError) as exc:
-                errors.append(exc)
-        if errors:
-            _raise_collected(errors)
-
-    def set_tag(self, key: str, value: Any) -> None:
-        run = self._run_var.get() or self._active()
-        check_key(key, "tag")
-        text = check_text_value("tag", key, value, MAX_TAG_VALUE_LENGTH)
-        run.engine.put(MetaEvent("tag", run.run_id, key, text))
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        errors: list[Exception] = []
-        for key, value in tags.items():
-            try:
-                self.set_tag(key, value)
-            except (TypeError, ValueError) as exc:
-                errors.append(exc)
-        if errors:
-            _raise_collected(errors)
-
     # ------------------------------------------------------------------ delivery
 
     def flush(self, timeout: float | None = None) -> None:
@@ -299,25 +304,15 @@ class NestedRunTracker(MLflowExperimentTracker):
         return parent
 
 
-class _Fixed:
-    """Stands in for a tracker's context variable when the run is known up front."""
-
-    __slots__ = ("_run",)
-
-    def __init__(self, run: Run) -> None:
-        self._run = run
-
-    def get(self) -> Run:
-        return self._run
-
-
-class RunLogger(MLflowExperimentTracker):
+class RunLogger(_RunMethods):
     """The logging methods, bound to one run (used by the decorators)."""
 
     def __init__(self, run: Run) -> None:
-        super().__init__(tracking_uri=run.tracking_uri)
-        self._run_var = _Fixed(run)  # type: ignore[assignment]
-        self._last_run = run
+        self._run_var = FixedRun(run)
+        self.run = run
+
+    def flush(self, timeout: float | None = None) -> None:
+        self.run.engine.flush(timeout)
 
 
 class _RunScope:

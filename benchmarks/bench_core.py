@@ -26,7 +26,6 @@ import tempfile
 import threading
 import time
 import tracemalloc
-from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,13 +37,20 @@ from mlflow.entities import Metric
 import asynctrack
 from asynctrack import MLflowExperimentTracker
 from asynctrack._engine import spool
+from asynctrack._engine.engine import Engine
 from asynctrack._engine.intake import Intake
-from asynctrack._engine.worker import Engine
+from asynctrack._engine.queue import EventQueue
 from asynctrack._runs import Run
 from asynctrack.config import EngineConfig
 from asynctrack.testing import MlflowServer
 
 ROUNDS = 3
+
+
+def _nothing() -> None:
+    return None
+
+
 CALLS = 200_000
 
 
@@ -90,7 +96,13 @@ def bench_spool(experiment: str, server_url: str, results: dict[str, float]) -> 
     results["spool bytes per metric"] = len(spool.encode(metrics[:256])) / 256
     with tempfile.TemporaryDirectory() as tmp:
         writer = spool.Writer(Path(tmp), "bench://", 8 * 1024 * 1024, 2**40)
-        intake = Intake(deque(metrics), writer, window=0)
+        queue = EventQueue(
+            EngineConfig(queue_capacity=len(metrics)), _nothing, _nothing, _nothing, str
+        )
+        queue.open = True
+        for metric in metrics:
+            queue.put(metric)
+        intake = Intake(queue, writer, window=0)
         start = time.perf_counter()
         intake.pull(everything=True)
         intake.sync()

@@ -34,7 +34,7 @@ from asynctrack import (
 from asynctrack._artifacts import s3 as s3_upload
 from asynctrack._artifacts import staging
 from asynctrack._engine import runtime
-from asynctrack._engine.worker import Engine
+from asynctrack._engine.engine import Engine
 from asynctrack.config import EngineConfig
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from asynctrack import (
     MLflowExperimentTracker,
     Rejection,
 )
-from asynctrack._engine.worker import Engine
+from asynctrack._engine.engine import Engine
 from asynctrack.config import EngineConfig
 from asynctrack.testing import MlflowServer
 

@@ -26,9 +26,9 @@ from asynctrack import (
     QueueFullError,
 )
 from asynctrack._engine.batching import MAX_PARAMS, MAX_TAGS, pack_meta
+from asynctrack._engine.engine import Engine
 from asynctrack._engine.events import MetaEvent, check_key, to_json_number
 from asynctrack._engine.transport import Refused, Transient, encode_log_batch
-from asynctrack._engine.worker import Engine
 from asynctrack.config import (
     DEFAULT_FLUSH_INTERVAL,
     DEFAULT_FULL_POLICY,
@@ -476,9 +476,9 @@ def test_full_policy_block_gives_up_at_the_deadline(make_engine: Any) -> None:
 def test_with_a_spool_a_stuck_server_never_blocks_the_caller(
     make_engine: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from asynctrack._engine import worker
+    from asynctrack._engine import engine as worker
 
-    monkeypatch.setattr(worker, "_WINDOW", 10_000)
+    monkeypatch.setattr(worker, "WINDOW", 10_000)
     engine, transport = make_engine(queue_capacity=2, max_in_flight=1, flush_timeout=0.3)
     transport.gate.clear()
     engine.put(metric(0, run_id="a"))
@@ -488,7 +488,7 @@ def test_with_a_spool_a_stuck_server_never_blocks_the_caller(
     for i in range(1, 50_001):  # far beyond the queue and the worker's window
         engine.put(metric(i, run_id="c"))
     assert engine.stats().dropped == 0
-    assert engine._intake.backlog is not None  # the rest waits on disk only
+    assert engine.intake.backlog is not None  # the rest waits on disk only
     transport.gate.set()
     flusher.join(60)
     engine.flush(60)
@@ -760,10 +760,10 @@ def test_spool_files_are_owner_only_and_gone_once_stored(make_engine: Any, tmp_p
 def test_a_backlog_over_many_segments_arrives_in_order_and_the_segments_go(
     make_engine: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from asynctrack._engine import worker
+    from asynctrack._engine import engine as worker
 
-    monkeypatch.setattr(worker, "_SEGMENT_BYTES", 32 * 1024)
-    monkeypatch.setattr(worker, "_WINDOW", 1000)
+    monkeypatch.setattr(worker, "SEGMENT_BYTES", 32 * 1024)
+    monkeypatch.setattr(worker, "WINDOW", 1000)
     engine, transport = make_engine(max_in_flight=1, spool_dir=str(tmp_path))
     transport.gate.clear()
     engine.put(metric(0, run_id="a"))

@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 
 from asynctrack._engine import replay, spool
 from asynctrack._engine.events import Job, MetaEvent
+from asynctrack._engine.retry import RetryPolicy
 from asynctrack._engine.transport import Refused, Transient
 from asynctrack.cli import main
 from asynctrack.testing import free_port
@@ -426,13 +427,15 @@ def test_transient_failures_are_retried_until_an_answer() -> None:
             raise Transient(reason)
         return "stored"
 
-    replayer = replay._Replayer("FAILED", None, timeout=30.0, progress=None)
-    assert replayer._attempt(flaky) == "stored"
+    policy = RetryPolicy(first=0.01, maximum=0.02, patience=30.0)
+    seen: list[str] = []
+    assert policy.attempt_blocking(flaky, lambda exc: seen.append(str(exc))) == "stored"
+    assert seen == ["HTTP 503", "connection refused"]
 
     def refused() -> None:
         raise Refused("INVALID_PARAMETER_VALUE: no", splittable=True)
 
-    assert isinstance(replayer._attempt(refused), Refused)
+    assert isinstance(policy.attempt_blocking(refused, seen.append), Refused)
 
 
 def test_an_upload_its_writer_finished_is_not_redone(

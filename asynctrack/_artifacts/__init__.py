@@ -6,7 +6,6 @@
 - ``staging``: the per-process copies that keep what a call logged;
 - ``upload``: a call's files as one engine job, to S3 or through MLflow's repositories;
 - ``s3``: the aiobotocore uploader (streamed bodies, concurrent multipart, retries);
-- ``executor``: the worker loop's default executor, usable while Python exits;
 - ``models``: ``log_model`` as an MLflow 3 logged model, and the handle it returns.
 
 ``@log_artifact_decorator`` lives in ``asynctrack.decorators`` with the other decorators.

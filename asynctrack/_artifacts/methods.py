@@ -23,11 +23,10 @@ from asynctrack._artifacts.paths import check_artifact_dir, check_artifact_file,
 from asynctrack._artifacts.upload import queue_files
 
 if TYPE_CHECKING:
-    import contextvars
     from types import ModuleType
 
     from asynctrack._artifacts.models import LoggedModelHandle
-    from asynctrack._runs import Run
+    from asynctrack._runs import Run, RunSource
 
 
 class ArtifactMethods:
@@ -35,7 +34,7 @@ class ArtifactMethods:
     ``log_model``, for the tracker's active run."""
 
     if TYPE_CHECKING:
-        _run_var: contextvars.ContextVar[Run | None]
+        _run_var: RunSource
 
         def _active(self) -> Run: ...
 

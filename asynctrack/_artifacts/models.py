@@ -34,7 +34,7 @@ from asynctrack._artifacts import staging
 from asynctrack._artifacts.paths import check_model_name
 from asynctrack._artifacts.upload import clean_at_stop, store
 from asynctrack._engine.events import Job
-from asynctrack._engine.stats import file_counters
+from asynctrack._engine.jobs import JobContext
 from asynctrack.errors import DeliveryError, FlushTimeoutError, Rejection
 
 # MLflow's default wait for a new model version to become READY.
@@ -249,7 +249,7 @@ class _LoggedModel:
 
     def queue(self) -> None:
         self.files = staging.staged_tree(self.local)
-        counters = file_counters(self.run.engine)
+        counters = self.run.engine.files
         counters.queued(len(self.files), sum(f.size for f in self.files))
         try:
             self.run.engine.put(Job(self.run.run_id, "model", self.name, self.work))
@@ -258,28 +258,28 @@ class _LoggedModel:
             staging.remove(self.area)
             raise
 
-    async def work(self, engine: Any) -> None:
-        clean_at_stop(engine)
+    async def work(self, jobs: JobContext) -> None:
+        clean_at_stop(jobs)
         logged: Any = None
         try:
-            logged = await engine.run_blocking(self._create)
+            logged = await jobs.run_blocking(self._create)
             self.handle._model_id.set_result(logged.model_id)
-            await engine.run_blocking(partial(self._prepare, logged))
+            await jobs.run_blocking(partial(self._prepare, logged))
             self.settled = True
-            await store(engine, logged.artifact_location, self.run.tracking_uri, self.files)
-            info = await engine.run_blocking(partial(self._finish, logged))
+            await store(jobs, logged.artifact_location, self.run.tracking_uri, self.files)
+            info = await jobs.run_blocking(partial(self._finish, logged))
             self.handle._info.set_result(info)
         except BaseException as exc:
             if not self.settled:
-                counters = file_counters(engine)
+                counters = jobs.files
                 for staged in self.files:
                     counters.failed(staged.size)
             self.handle._fail(exc)
             if logged is not None:
-                await engine.run_blocking(partial(self._finalize_failed, logged))
+                await jobs.run_blocking(partial(self._finalize_failed, logged))
             raise
         finally:
-            await engine.run_blocking(partial(staging.remove, self.area))
+            await jobs.run_blocking(partial(staging.remove, self.area))
 
     def _client(self) -> Any:
         from mlflow import MlflowClient
@@ -320,7 +320,7 @@ class _LoggedModel:
             _write_requirements(self.local, model.flavors["sklearn"], self.extra_requirements)
         before = self.files
         self.files = staging.staged_tree(self.local)
-        file_counters(self.run.engine).queued(
+        self.run.engine.files.queued(
             len(self.files) - len(before),
             sum(f.size for f in self.files) - sum(f.size for f in before),
         )

@@ -24,22 +24,22 @@ import json
 import math
 import mimetypes
 import os
-import random
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-from asynctrack._artifacts import executor
 from asynctrack._artifacts.paths import join, split_s3_uri
 from asynctrack._artifacts.staging import StagedFile
+from asynctrack._engine.jobs import JobContext
+from asynctrack._engine.retry import RetryPolicy
 from asynctrack._engine.stats import FileCounters
-from asynctrack._engine.transport import redact
+from asynctrack._engine.transport import Refused, Transient, redact
 
 T = TypeVar("T")
 
-_BACKOFF_FIRST, _BACKOFF_MAX = 0.25, 8.0
+_RETRY = RetryPolicy(first=0.25, maximum=8.0)  # the same as the batches'
 _MAX_PARTS = 10_000  # S3's limit; larger files get larger parts
 _CHUNK = 1024 * 1024  # bodies above this are streamed from disk in chunks of this size
 _SIGNER = "asynctrack-s3v4"  # our signer's name in botocore's registry
@@ -137,9 +137,9 @@ def is_transient(exc: BaseException) -> bool:
 class S3Uploader:
     """Uploads staged files under one ``s3://bucket/prefix`` for one job."""
 
-    def __init__(self, engine: Any, uri: str, counters: FileCounters) -> None:
-        self.engine = engine
-        self.config = engine.config
+    def __init__(self, jobs: JobContext, uri: str, counters: FileCounters) -> None:
+        self.jobs = jobs
+        self.config = jobs.config
         self.bucket, self.prefix = split_s3_uri(uri)
         self.counters = counters
         self.settings = S3Settings.from_env()
@@ -151,7 +151,7 @@ class S3Uploader:
         args = {**_content_headers(staged.dest), **self.extra}
         try:
             if self.client is None:
-                self.client = await _client(self.engine, self.settings)
+                self.client = await _client(self.jobs, self.settings)
             if staged.size >= self.config.multipart_threshold:
                 await self._multipart(staged, key, args, slots)
             else:
@@ -159,6 +159,8 @@ class S3Uploader:
                     await self._send(
                         self.client.put_object, staged.path, 0, staged.size, Key=key, **args
                     )
+        except UploadFailed:
+            raise
         except Exception as exc:
             raise UploadFailed(describe(exc, self.settings)) from None
 
@@ -177,11 +179,11 @@ class S3Uploader:
         already computed."""
         body: Any
         if size <= _CHUNK and digests is None:
-            body = await self.engine.run_blocking(partial(_read, path, offset, size))
+            body = await self.jobs.run_blocking(partial(_read, path, offset, size))
         else:
             if digests is None:
-                digests = await self.engine.run_blocking(partial(_digests, path, offset, size))
-            body = _FileWindow(self.engine, path, offset, size, digests[0])
+                digests = await self.jobs.run_blocking(partial(_digests, path, offset, size))
+            body = _FileWindow(self.jobs, path, offset, size, digests[0])
         call = partial(operation, Bucket=self.bucket, Body=body, ContentLength=size, **args)
         return await self._retrying(size, call)
 
@@ -207,7 +209,7 @@ class S3Uploader:
                 offset = (number - 1) * part_size
                 length = min(part_size, staged.size - offset)
                 async with slots:
-                    digests = await self.engine.run_blocking(
+                    digests = await self.jobs.run_blocking(
                         partial(_digests, staged.path, offset, length)
                     )
                     checksum = {"ChecksumCRC32": digests[1]} if crc else {}
@@ -244,17 +246,25 @@ class S3Uploader:
             raise
 
     async def _retrying(self, size: int, call: Callable[[], Awaitable[T]]) -> T:
-        delay = _BACKOFF_FIRST
-        while True:
+        """The one retry policy, with S3's answers sorted into transient and refused."""
+
+        async def sorted_call() -> T:
             try:
                 return await call()
             except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                self.engine.note_transient(f"S3 upload: {describe(exc, self.settings)}")
-                self.counters.retried(size)
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, _BACKOFF_MAX)
+                reason = describe(exc, self.settings)
+                if is_transient(exc):
+                    raise Transient(f"S3 upload: {reason}") from None
+                raise Refused(reason, splittable=False) from None
+
+        def retrying(exc: Transient) -> None:
+            self.jobs.note_transient(str(exc))
+            self.counters.retried(size)
+
+        result = await _RETRY.attempt(sorted_call, retrying)
+        if isinstance(result, Refused):
+            raise UploadFailed(result.reason)
+        return result
 
 
 class UploadFailed(Exception):
@@ -283,8 +293,8 @@ class _FileWindow:
     file-like bodies, a round trip per request.
     """
 
-    def __init__(self, engine: Any, path: str, offset: int, size: int, sha256: str) -> None:
-        self._engine = engine
+    def __init__(self, jobs: JobContext, path: str, offset: int, size: int, sha256: str) -> None:
+        self._jobs = jobs
         self._path = path
         self._offset = offset
         self._size = size
@@ -299,7 +309,7 @@ class _FileWindow:
             position, end = self._offset, self._offset + self._size
             while position < end:
                 length = min(_CHUNK, end - position)
-                chunk = await self._engine.run_blocking(partial(os.pread, fd, length, position))
+                chunk = await self._jobs.run_blocking(partial(os.pread, fd, length, position))
                 if not chunk:
                     raise OSError(f"{self._path} is shorter than when it was staged")
                 position += len(chunk)
@@ -353,28 +363,27 @@ def _digests(path: str, offset: int, size: int) -> tuple[str, str]:
     return digest.hexdigest(), base64.b64encode(crc.to_bytes(4, "big")).decode()
 
 
-async def _client(engine: Any, settings: S3Settings) -> Any:
+async def _client(jobs: JobContext, settings: S3Settings) -> Any:
     """The engine's client for these settings, created on first use."""
-    clients: dict[S3Settings, Any] = engine.resources.setdefault("s3_clients", {})
-    lock: asyncio.Lock = engine.resources.setdefault("s3_clients_lock", asyncio.Lock())
-    async with lock:  # two jobs starting together must not both build a client
-        client = clients.get(settings)
+    resources = jobs.resources
+    clients = resources.s3_clients
+    async with resources.s3_lock:  # two jobs starting together must not both build a client
+        client: Any = clients.get(settings)
         if client is None:
-            executor.install(engine)  # aiohttp's lookups and TLS setup must work at exit
-            client = await engine.exit_stack.enter_async_context(_new_client(engine, settings))
+            client = await resources.exit_stack.enter_async_context(_new_client(jobs, settings))
             for operation in ("PutObject", "UploadPart"):
                 client.meta.events.register(f"choose-signer.s3.{operation}", _choose_signer)
             clients[settings] = client
     return client
 
 
-def _new_client(engine: Any, settings: S3Settings) -> Any:
+def _new_client(jobs: JobContext, settings: S3Settings) -> Any:
     import botocore
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
 
     _register_signer()
-    config = engine.config
+    config = jobs.config
     signature: Any = settings.signature_version
     if signature.lower() == "unsigned":  # public buckets, as MLflow allows
         signature = botocore.UNSIGNED

@@ -22,7 +22,10 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from asynctrack._engine.jobs import JobContext
 
 _lock = threading.Lock()
 _root: tuple[int, Path] | None = None  # (pid, directory)
@@ -40,7 +43,7 @@ class StagedFile:
     size: int
 
 
-def engine_dir(engine: Any) -> Path:
+def engine_dir(engine: JobContext) -> Path:
     """This process's staging directory for ``engine``'s uploads."""
     global _root
     pid = os.getpid()
@@ -53,7 +56,7 @@ def engine_dir(engine: Any) -> Path:
     return root / f"engine-{id(engine):x}"
 
 
-def new_area(engine: Any) -> Path:
+def new_area(engine: JobContext) -> Path:
     """A fresh, empty directory for one call's files."""
     area = engine_dir(engine) / str(next(_areas))
     area.mkdir(parents=True)
@@ -64,7 +67,7 @@ def remove(path: Path | str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def release(engine: Any) -> None:
+def release(engine: JobContext) -> None:
     """When ``engine``'s worker stops: remove its leftovers, and this process's staging
     directory once no engine uses it."""
     directory = engine_dir(engine)

@@ -20,15 +20,19 @@ import posixpath
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from asynctrack._artifacts import staging
 from asynctrack._artifacts.paths import direct_s3_uri
 from asynctrack._artifacts.s3 import S3Uploader, UploadFailed
 from asynctrack._artifacts.staging import StagedFile
 from asynctrack._engine.events import Job
-from asynctrack._engine.stats import FileCounters, file_counters
+from asynctrack._engine.jobs import JobContext
+from asynctrack._engine.stats import FileCounters
 from asynctrack._engine.transport import redact
+
+if TYPE_CHECKING:
+    from asynctrack._runs import Run
 
 Send = Callable[[StagedFile, asyncio.Semaphore], Awaitable[None]]
 
@@ -39,20 +43,20 @@ class ArtifactsNotStored(Exception):
     """Some files of one call could not be stored; the message names them."""
 
 
-def queue_files(run: Any, kind: str, label: str, area: Path, files: list[StagedFile]) -> None:
+def queue_files(run: Run, kind: str, label: str, area: Path, files: list[StagedFile]) -> None:
     """Hand staged files to the run's engine; they are stored under the run's artifact URI."""
     engine = run.engine
     if not files:
         staging.remove(area)
         return
 
-    async def work(engine: Any) -> None:
+    async def work(jobs: JobContext) -> None:
         try:
-            await store(engine, run.artifact_uri, run.tracking_uri, files)
+            await store(jobs, run.artifact_uri, run.tracking_uri, files)
         finally:
-            await engine.run_blocking(partial(staging.remove, area))
+            await jobs.run_blocking(partial(staging.remove, area))
 
-    counters = file_counters(engine)
+    counters = engine.files
     counters.queued(len(files), sum(f.size for f in files))
     try:
         # The spool keeps the area: laid out as run-relative paths, it is all that
@@ -64,34 +68,34 @@ def queue_files(run: Any, kind: str, label: str, area: Path, files: list[StagedF
         raise
 
 
-def clean_at_stop(engine: Any) -> None:
+def clean_at_stop(jobs: JobContext) -> None:
     """Remove the engine's staged leftovers when its worker stops (exit deadline passed),
     unless the spool still names them for ``asynctrack sync``."""
-    if "staging_cleanup" not in engine.resources:
-        engine.resources["staging_cleanup"] = True
+    if not jobs.resources.staging_cleanup:
+        jobs.resources.staging_cleanup = True
 
         def release() -> None:
-            if not engine.spooled():
-                staging.release(engine)
+            if not jobs.spooled():
+                staging.release(jobs)
 
-        engine.exit_stack.callback(release)
+        jobs.resources.exit_stack.callback(release)
 
 
 async def store(
-    engine: Any, artifact_uri: str, tracking_uri: str, files: Sequence[StagedFile]
+    jobs: JobContext, artifact_uri: str, tracking_uri: str, files: Sequence[StagedFile]
 ) -> None:
     """Upload ``files`` under ``artifact_uri``; raise ArtifactsNotStored naming failures."""
-    clean_at_stop(engine)
-    counters = file_counters(engine)
+    clean_at_stop(jobs)
+    counters = jobs.files
     try:
-        send = _sender(engine, artifact_uri, tracking_uri, counters)
+        send = _sender(jobs, artifact_uri, tracking_uri, counters)
     except Exception as exc:  # no way to store there (an unknown scheme, say): all fail
         for staged in files:
             counters.failed(staged.size)
         raise ArtifactsNotStored(
             redact(f"no file stored under {artifact_uri}: {type(exc).__name__}: {exc}")
         ) from None
-    slots = _slots(engine)
+    slots = _slots(jobs)
     results = await asyncio.gather(
         *(_store_one(send, slots, counters, f) for f in files), return_exceptions=True
     )
@@ -103,10 +107,10 @@ async def store(
         raise ArtifactsNotStored(_message(len(files), failures))
 
 
-def _sender(engine: Any, artifact_uri: str, tracking_uri: str, counters: FileCounters) -> Send:
-    s3_uri = direct_s3_uri(artifact_uri, engine.config.artifacts_destination)
+def _sender(jobs: JobContext, artifact_uri: str, tracking_uri: str, counters: FileCounters) -> Send:
+    s3_uri = direct_s3_uri(artifact_uri, jobs.config.artifacts_destination)
     if s3_uri is not None:
-        return S3Uploader(engine, s3_uri, counters)
+        return S3Uploader(jobs, s3_uri, counters)
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     repo = get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
@@ -117,20 +121,18 @@ def _sender(engine: Any, artifact_uri: str, tracking_uri: str, counters: FileCou
         directory = posixpath.dirname(staged.dest) or None
         async with slots:
             try:
-                await engine.run_blocking(partial(repo.log_artifact, staged.path, directory))
+                await jobs.run_blocking(partial(repo.log_artifact, staged.path, directory))
             except Exception as exc:
                 raise UploadFailed(redact(f"{type(exc).__name__}: {exc}")) from None
 
     return through_mlflow
 
 
-def _slots(engine: Any) -> asyncio.Semaphore:
+def _slots(jobs: JobContext) -> asyncio.Semaphore:
     """The engine's upload slots, shared by all its jobs (created on the worker loop)."""
-    slots: asyncio.Semaphore | None = engine.resources.get("upload_slots")
-    if slots is None:
-        slots = asyncio.Semaphore(engine.config.max_concurrent_uploads)
-        engine.resources["upload_slots"] = slots
-    return slots
+    if jobs.resources.upload_slots is None:
+        jobs.resources.upload_slots = asyncio.Semaphore(jobs.config.max_concurrent_uploads)
+    return jobs.resources.upload_slots
 
 
 async def _store_one(

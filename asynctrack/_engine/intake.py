@@ -1,4 +1,5 @@
-"""Intake: from the callers' queue to the worker's window, through the spool.
+"""Intake: from the callers' queue to the worker's window, through the spool; the
+dispatcher's source on the live path (``next_chunk`` / ``ack``).
 
 The worker's intake takes every event off the callers' deque a few times a second, appends
 it to the spool (one record per chunk) and keeps it in an in-memory window for sending.
@@ -26,6 +27,7 @@ from typing import Any
 
 from asynctrack._engine import spool
 from asynctrack._engine.events import Barrier, Event, Job, resolve_chunk
+from asynctrack._engine.queue import EventQueue
 from asynctrack.errors import Rejection
 
 logger = logging.getLogger("asynctrack")
@@ -36,8 +38,8 @@ Position = tuple[int, int]  # (segment, byte offset)
 
 
 class Intake:
-    def __init__(self, buf: deque[Event], writer: spool.Writer | None, window: int) -> None:
-        self.buf = buf
+    def __init__(self, queue: EventQueue, writer: spool.Writer | None, window: int) -> None:
+        self.queue = queue
         self.writer = writer
         self.window = window
         #: (segment, events) ready for the sender; segment 0: not spooled.
@@ -47,8 +49,6 @@ class Intake:
         self.backlog: Position | None = None
         self._backlog_barriers: deque[tuple[Position, Barrier]] = deque()
         self.outstanding: dict[int, int] = {}
-        self.taken = 0  # events taken off the deque (barriers not counted)
-        self.barriers = 0  # barriers taken off the deque
         self.spooled = 0  # events written to the spool, ever
         self.durable = 0  # events fsync'ed, ever
         self._last_sync = time.monotonic()
@@ -59,13 +59,14 @@ class Intake:
 
     # ------------------------------------------------------------------ taking
 
-    def pull(self, everything: bool = False) -> None:
-        """Take what is queued. ``everything``: also past the window (at exit, to disk)."""
-        buf = self.buf
-        while buf:
+    def pull(self, everything: bool = False) -> int:
+        """Take what is queued; return how many events (barriers not counted).
+        ``everything``: also past the window (at exit, to disk)."""
+        queue, taken = self.queue, 0
+        while len(queue):
             if self.writer is None and self.mem_events >= self.window and not everything:
-                return  # no spool: callers meet the queue's capacity
-            chunk = [buf.popleft() for _ in range(min(len(buf), CHUNK))]
+                break  # no spool: callers meet the queue's capacity
+            chunk = queue.take(CHUNK)
             record = self._encode(chunk)
             barriers = sum(1 for e in chunk if type(e) is Barrier)
             room = self.backlog is None and (self.mem_events < self.window or everything)
@@ -73,16 +74,17 @@ class Intake:
             if at is None and self.writer is not None and not room:
                 # The spool failed (disk full, limit reached) and memory is full: leave
                 # the events queued; callers meet the queue's capacity, told why.
-                buf.extendleft(reversed(chunk))
-                return
-            self.barriers += barriers
-            self.taken += len(chunk) - barriers
+                queue.give_back(chunk)
+                break
+            taken += len(chunk) - barriers
             if at is None:  # not spooled: memory is the only copy
                 self._keep(0, chunk)
             elif room:
                 self._keep(at[0], chunk)
             else:
                 self._spill(at, chunk)
+        queue.notify_room()
+        return taken
 
     def _encode(self, chunk: list[Event]) -> bytes | None:
         if self.writer is None:
@@ -138,6 +140,16 @@ class Intake:
                 # independent of the events around them; run ends wait for all jobs.
                 self._keep(segment, [event])
 
+    def next_chunk(self) -> tuple[int, list[Any]] | None:
+        """The next chunk for the dispatcher, from memory or, past the window, from disk."""
+        if not self.mem:
+            self.read_backlog()
+            if not self.mem:
+                return None
+        segment, chunk = self.mem.popleft()
+        self.mem_events -= len(chunk)
+        return segment, chunk
+
     def read_backlog(self) -> None:
         """Bring records of the backlog into memory, up to the window, in order."""
         writer = self.writer
@@ -166,7 +178,7 @@ class Intake:
             while self._backlog_barriers:
                 self._keep(0, [self._backlog_barriers.popleft()[1]])
 
-    def note_done(self, job: Job) -> None:
+    def note_done(self, job: Job, segment: int, stored: bool) -> None:
         """Tell ``sync`` that ``job``'s upload is finished, so it never redoes it."""
         if self.writer is not None and job.spooled is not None:
             with contextlib.suppress(spool.SpoolError):

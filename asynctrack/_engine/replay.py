@@ -1,51 +1,56 @@
-"""Replaying what dead processes left in the spool: ``asynctrack sync`` and ``status``.
+"""Replaying what dead processes left in the spool: ``asynctrack sync``.
 
-Replay holds a writer directory's lock while it works, so neither a live writer nor a second
-sync is raced: a held lock means "skip and report". Events go out as the worker sends them:
-metrics per run in calls of at most 1000, params and tags through ``pack_meta``, a run's end
-only after everything before it for that run. A segment is deleted only once each of its
-events is stored or refused, so a sync cut short sends some again next time; harmless: the
-server ignores a metric stored twice (same key, step, timestamp, value) and a param re-logged
-with its value, and an end goes only to a run the server still shows RUNNING.
+A dead writer's directory is read back as a :class:`SegmentSource` and fed to the same
+:class:`~asynctrack._engine.dispatcher.Dispatcher` the live worker uses (as neptune's sync
+reuses its queue), so batching, retries, splitting a refused request, params and tags in
+order and a run's end after its events follow the same rules. A segment is deleted once
+each of its events is stored or refused, so a sync cut short sends some again next time;
+harmless: the server ignores a metric stored twice, a param re-logged with its value, and
+an end goes only to a run the server still shows RUNNING.
+
+Replay holds the directory's lock while it works, so neither a live writer nor a second
+sync is raced. Each directory has a deadline of its own: a server that does not answer
+leaves its directories for the next sync, and every other directory is still recovered.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-import random
 import shutil
-import threading
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from asynctrack._engine import spool
-from asynctrack._engine.batching import MAX_METRICS, pack_meta
-from asynctrack._engine.events import MetaEvent, Metric, to_seconds
+from asynctrack._engine.dispatcher import Dispatcher
+from asynctrack._engine.events import Job, MetaEvent, to_seconds
+from asynctrack._engine.jobs import Resources
+from asynctrack._engine.ledger import Ledger
+from asynctrack._engine.retry import GaveUp, RetryPolicy
+from asynctrack._engine.stats import FileCounters
+from asynctrack._engine.status import DirStatus, Survey, status, survey, writer_dirs
+from asynctrack._engine.threads import DaemonPool
 from asynctrack._engine.transport import (
-    _TRANSIENT_STATUS,
     Refused,
     Transient,
     Transport,
-    _error_of,
-    _short,
     make_transport,
     redact,
+    sort_mlflow_error,
 )
+from asynctrack.config import EngineConfig
 from asynctrack.errors import Rejection
 
+__all__ = ["DirStatus", "SyncReport", "replay", "status"]
+
 T = TypeVar("T")
-_BACKOFF_FIRST, _BACKOFF_MAX = 0.25, 15.0
 _REQUEST_TIMEOUT = 30.0
-_IN_FLIGHT = 4  # metric batches sent at once
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
-# MlflowException codes meaning "away or busy", as StoreTransport reads them
-_TRANSIENT_CODES = ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED")
 
 
 @dataclass
@@ -66,88 +71,6 @@ class SyncReport:
         return not (self.refused or self.left or self.damaged or self.errors)
 
 
-@dataclass
-class DirStatus:
-    """One writer directory as ``asynctrack status`` shows it."""
-
-    directory: Path
-    pid: int | None
-    host: str
-    alive: bool
-    segments: int
-    bytes: int
-    events: int
-    runs: list[str]
-    since: float | None  # seconds: the oldest metric's timestamp, else oldest segment's mtime
-    damage: list[str]
-
-
-@dataclass
-class _Survey:
-    """A directory read once before anything is sent."""
-
-    paths: list[Path]
-    events: int = 0
-    runs: set[str] = field(default_factory=set)
-    ended: set[str] = field(default_factory=set)
-    oldest: float | None = None
-    damage: list[str] = field(default_factory=list)
-    mtimes: list[float] = field(default_factory=list)
-    done: set[str] = field(default_factory=set)  # uploads their writer finished
-
-
-def _survey(paths: list[Path], writing: bool = False) -> _Survey:
-    survey = _Survey(paths)
-    for path in paths:
-        try:
-            survey.mtimes.append(path.stat().st_mtime)
-            segment = spool.read_segment(path)
-        except OSError as exc:
-            if not isinstance(exc, FileNotFoundError):  # else a live writer just dropped it
-                survey.damage.append(f"{path.name}: cannot read: {exc.strerror or exc}")
-            continue
-        for _, events in segment.records:
-            for event in events:
-                if isinstance(event, spool.ArtifactDone):  # a marker, not an event
-                    survey.done.add(event.path)
-                    continue
-                survey.events += 1
-                if type(event) is tuple:
-                    survey.runs.add(event[0])
-                    when = to_seconds(event[3])
-                    if survey.oldest is None or when < survey.oldest:
-                        survey.oldest = when
-                else:
-                    survey.runs.add(event.run_id)
-                    if isinstance(event, MetaEvent) and event.kind == "end":
-                        survey.ended.add(event.run_id)
-        # a live writer's last record may be half written: not damage
-        if segment.damage and not (writing and path == paths[-1]):
-            survey.damage.append(f"{path.name}: {segment.damage} ({segment.lost_bytes} bytes lost)")
-    return survey
-
-
-def _writer_dirs(root: Path) -> list[spool.SpoolDir]:
-    if (root / "lock").exists():  # one writer's directory, not the root
-        return [d for d in spool.scan(root.parent) if d.directory.name == root.name]
-    return spool.scan(root)
-
-
-def status(root: Path) -> list[DirStatus]:
-    """Every writer directory under ``root`` (or ``root`` itself) and what it holds."""
-    result = []
-    for d in _writer_dirs(root):
-        survey = _survey(d.segments, writing=d.alive)
-        since = survey.oldest if survey.oldest is not None else min(survey.mtimes, default=None)
-        pid = d.owner.get("pid")
-        result.append(
-            DirStatus(d.directory, pid if isinstance(pid, int) else None,
-                      str(d.owner.get("host", "?")), d.alive, len(d.segments), d.size,
-                      survey.events, sorted(survey.runs), since, survey.damage)
-        )  # fmt: skip
-    return result
-
-
 def replay(
     root: Path,
     *,
@@ -160,71 +83,53 @@ def replay(
 
     Runs with no end spooled are ended with ``status`` if the server still shows them
     RUNNING (``None``: left as they are). Each directory goes to its own tracking URI unless
-    ``tracking_uri`` is given. While the server is away, requests are retried with backoff
+    ``tracking_uri`` is given. While a server is away, requests are retried with backoff
     until ``timeout`` seconds pass without an answer; what is left stays on disk.
     ``progress(n)`` is called with each number of events stored or refused.
     """
     if status is not None and status not in _STATUSES:
         raise ValueError(f"status must be one of {', '.join(_STATUSES)} or None, got {status!r}")
-    replayer = _Replayer(status, tracking_uri, timeout, progress)
-    found = _writer_dirs(root)
-    for d in found:  # a run a live process logs to, or another directory ends, is no orphan
-        survey = _survey(d.segments, writing=d.alive)
-        replayer.not_orphans |= survey.runs if d.alive else survey.ended
+    report = SyncReport()
+    found = writer_dirs(root)
+    not_orphans: set[str] = set()  # runs a live process logs to, or another directory ends
+    surveys: dict[Path, Survey] = {}
+    for d in found:
+        seen = survey(d.segments, writing=d.alive)
+        not_orphans |= seen.runs if d.alive else seen.ended
         if not d.alive:  # a dead writer's segments only ever go away: reused if all there
-            replayer.surveys[d.directory] = survey
-    try:
-        for d in found:
-            replayer.directory(d)
-    finally:
-        replayer.close()
-    return replayer.report
+            surveys[d.directory] = seen
+    silent: set[str] = set()  # servers that did not answer in this sync: not waited for again
+    for d in found:
+        _Directory(d, report, status, tracking_uri, timeout, progress).replay(
+            surveys.get(d.directory), not_orphans, silent
+        )
+    return report
 
 
-@dataclass
-class _Run:
-    """One run's events of a segment, up to its end."""
+class _Directory:
+    """One dead writer's directory, replayed under its lock."""
 
-    metrics: list[Metric] = field(default_factory=list)
-    meta: list[MetaEvent] = field(default_factory=list)
-    artifacts: list[spool.Artifact] = field(default_factory=list)
-
-
-class _Deadline(Exception):
-    """The timeout passed while the server was away."""
-
-
-class _Replayer:
     def __init__(
         self,
-        status: str | None,
+        found: spool.SpoolDir,
+        report: SyncReport,
+        end_status: str | None,
         override: str | None,
         timeout: float,
         progress: Callable[[int], None] | None,
     ) -> None:
-        self.report = SyncReport()
-        self._status, self._override, self._progress = status, override, progress
-        self._timeout = timeout
-        self._deadline = time.monotonic() + timeout
-        self._request_timeout = min(_REQUEST_TIMEOUT, max(timeout, 1.0))
-        self._last_error, self._uri = "", ""
-        self._silent: set[str] = set()  # servers that did not answer in this sync
-        self._transport: Transport | None = None
-        self._client: Any = None
-        self._waiting = 0  # events of the current directory neither stored nor refused
-        self._last_metric: dict[str, float] = {}  # run -> newest metric timestamp seen
-        self._uploaded: list[str] = []  # staged files of the current segment now stored
-        self._finished: set[str] = set()  # uploads the writer finished itself
-        self.not_orphans: set[str] = set()
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-        self.surveys: dict[Path, _Survey] = {}
+        self.found, self.report, self.end_status = found, report, end_status
+        self.override, self.timeout = override, timeout
+        self.ledger = Ledger(on_settled=progress)
+        self.policy = RetryPolicy(first=0.25, maximum=15.0, patience=timeout)
+        self.request_timeout = min(_REQUEST_TIMEOUT, max(timeout, 1.0))
+        self.last_error = ""
 
-    def directory(self, found: spool.SpoolDir) -> None:
-        where = found.directory
+    def replay(self, seen: Survey | None, not_orphans: set[str], silent: set[str]) -> None:
+        where = self.found.directory
         with spool.claim(where) as fd:
             if fd is None:
-                owner = found.owner
+                owner = self.found.owner
                 self.report.skipped.append(
                     f"{where}: in use by pid {owner.get('pid')} on host {owner.get('host')} "
                     "(still writing, or another sync is replaying it)"
@@ -236,48 +141,58 @@ class _Replayer:
             if not segments:  # nothing to send: e.g. a writer that failed as it started
                 _remove_dir(where)
                 return
-            survey = self.surveys.get(where)
-            if survey is None or survey.paths != segments:  # another sync took some meanwhile
-                survey = _survey(segments)
-            self._waiting = survey.events
-            uri = self._uri_for(found)
-            if uri is None:
-                self.report.left += self._waiting
+            if seen is None or seen.paths != segments:  # another sync took some meanwhile
+                seen = survey(segments)
+            uri = self._uri()
+            if uri is None or uri in silent:
+                self.report.left += seen.events
+                if uri is not None:
+                    self.report.errors.append(
+                        f"{where}: left for later, its server {redact(uri)} did not answer; "
+                        f"{seen.events} events stay in the spool for the next sync"
+                    )
                 return
-            if uri in self._silent:  # waited for once already: not again for each directory
-                self.report.left += self._waiting
-                self.report.errors.append(
-                    f"{where}: left for later, its server {redact(uri)} did not answer; "
-                    f"{self._waiting} events stay in the spool for the next sync"
-                )
-                return
-            # Each directory has a deadline of its own: a server that is gone for good (an
-            # old laptop's URI) must not keep any other directory from being recovered.
-            self._deadline = time.monotonic() + self._timeout
-            self._uri, self._transport, self._client = uri, None, None
-            self._finished = survey.done
-            self._last_metric = {}
+            transport = make_transport(uri, self.request_timeout)
+            source = SegmentSource(segments, seen.done, self.report)
             try:
                 # before any segment is deleted: a replay cut short must not forget them
-                self._end_orphans(survey, max(survey.mtimes, default=time.time()))
-                for path in segments:
-                    self._segment(path)
-            except _Deadline:
-                self._silent.add(uri)
-                self.report.left += self._waiting
+                self._end_orphans(transport, seen, not_orphans)
+                asyncio.run(self._dispatch(source, _ReplayTransport(transport, source), uri))
+            except GaveUp as exc:
+                silent.add(uri)
+                settled = self.ledger.sent + self.ledger.done + self.ledger.rejected
+                left = seen.events - settled - source.finished
+                self.report.left += left
                 self.report.errors.append(
                     f"{where}: left for later, its server {redact(uri)} did not answer in time "
-                    f"({self._timeout:g} s: {self._last_error}); {self._waiting} events stay in "
-                    "the spool for the next sync"
+                    f"({self.timeout:g} s: {exc}); {left} events stay in the spool for the "
+                    "next sync"
                 )
-                return
+            finally:
+                self.report.stored += self.ledger.sent + self.ledger.done + source.finished
+                self.report.refused.extend(self.ledger.take_rejections())
+                self.report.damaged.sort()  # segments settle in any order; report in theirs
             if not any(where.glob("*.seg")):
                 _remove_dir(where)
 
-    def _uri_for(self, found: spool.SpoolDir) -> str | None:
-        uri = self._override or found.owner.get("tracking_uri")
+    async def _dispatch(self, source: SegmentSource, transport: Transport, uri: str) -> None:
+        # Metric batches of a run overlap against a server (it stores about twice as much
+        # with calls in flight); a local store (sqlite) takes one writer at a time.
+        in_flight = 4 if uri.startswith(("http://", "https://")) else 1
+        jobs = _ReplayJobs(uri, self.policy)
+        dispatcher = Dispatcher(source, transport, self.ledger, jobs, in_flight, self.policy)
+        try:
+            await dispatcher.pump(due=True)
+            await dispatcher.settle()
+        finally:
+            dispatcher.close()
+            jobs.close()
+
+    def _uri(self) -> str | None:
+        uri = self.override or self.found.owner.get("tracking_uri")
+        where = self.found.directory
         if not isinstance(uri, str) or not uri:
-            self.report.errors.append(f"{found.directory}: no tracking URI; pass --tracking-uri")
+            self.report.errors.append(f"{where}: no tracking URI; pass --tracking-uri")
             return None
         if "***@" in uri:
             # the spool never keeps credentials; the environment may hold this URI with them
@@ -285,246 +200,206 @@ class _Replayer:
             if env and redact(env) == uri:
                 return env
             self.report.errors.append(
-                f"{found.directory}: its tracking URI {uri} carried credentials, which the "
+                f"{where}: its tracking URI {uri} carried credentials, which the "
                 "spool does not keep: pass the URI with them as --tracking-uri"
             )
             return None
         return uri
 
-    def _end_orphans(self, survey: _Survey, died: float) -> None:
+    def _end_orphans(self, transport: Transport, seen: Survey, not_orphans: set[str]) -> None:
         """Runs with no end spooled: their process died first (at its last write, at most)."""
-        for run_id in sorted(survey.runs - survey.ended - self.not_orphans):
-            if self._status is None:
-                if self._attempt(partial(self._run_status, run_id)) == "RUNNING":
+        died = int(max(seen.mtimes, default=time.time()) * 1000)
+        for run_id in sorted(seen.runs - seen.ended - not_orphans):
+            if self.end_status is None:
+                state = self._attempt(partial(transport.run_status, run_id))
+                if state == "RUNNING":
                     self.report.open_runs.append(run_id)
                 continue
-            end = partial(self._end_if_running, run_id, self._status, int(died * 1000))
-            ended = self._attempt(end)
+            ended = self._attempt(
+                partial(_end_if_running, transport, run_id, self.end_status, died)
+            )
             if isinstance(ended, Refused):
                 self.report.refused.append(Rejection(run_id, "run", "status", ended.reason))
             elif ended:
                 self.report.ended_runs.append(run_id)
 
-    def _segment(self, path: Path) -> None:
+    def _attempt(self, call: Callable[[], T]) -> T | Refused:
+        return self.policy.attempt_blocking(call, lambda exc: None)
+
+
+def _end_if_running(transport: Transport, run_id: str, status: str, end_time: int) -> bool:
+    # an end already stored (or set by someone else) keeps its status and time
+    if transport.run_status(run_id) != "RUNNING":
+        return False
+    transport.end_run(run_id, status, end_time)
+    return True
+
+
+class SegmentSource:
+    """A dead writer's segments, in order, as the dispatcher's source.
+
+    Each segment is read whole when the dispatcher reaches it; once all its events are
+    settled it is deleted (renamed ``.damaged`` if part of it could not be read), and the
+    staged uploads it named go with it.
+    """
+
+    def __init__(self, segments: list[Path], finished: set[str], report: SyncReport) -> None:
+        self._segments, self._finished, self._report = segments, finished, report
+        self._next = 0
+        self._records: list[list[Any]] = []
+        self._current: tuple[int, spool.Segment] | None = None
+        self._outstanding: dict[int, int] = {}
+        self._read: dict[int, spool.Segment] = {}
+        self._uploaded: dict[int, list[str]] = {}
+        self.end_times: dict[str, int] = {}  # run -> its end time, when its end was read
+        self._last_metric: dict[str, float] = {}
+        self.finished = 0  # uploads the writer finished itself: settled already
+
+    def next_chunk(self) -> tuple[int, list[Any]] | None:
+        while not self._records:
+            if self._next >= len(self._segments):
+                return None
+            self._open(self._next)
+            self._next += 1
+        return self._next, self._records.pop(0)
+
+    def _open(self, index: int) -> None:
+        path, number = self._segments[index], index + 1
         try:
             mtime = path.stat().st_mtime
             segment = spool.read_segment(path)
         except OSError as exc:  # the segment, and so the directory, stays
-            self.report.errors.append(f"cannot read {path}: {exc.strerror or exc}")
+            self._report.errors.append(f"cannot read {path}: {exc.strerror or exc}")
             return
-        runs: dict[str, _Run] = {}
-        self._uploaded = []
+        self._read[number] = segment
+        count = 0
         for _, events in segment.records:
-            for event in events:
-                if type(event) is tuple:
-                    runs.setdefault(event[0], _Run()).metrics.append(event)
-                    when = to_seconds(event[3])
-                    self._last_metric[event[0]] = max(self._last_metric.get(event[0], 0), when)
-                elif isinstance(event, spool.ArtifactDone):
-                    continue
-                elif isinstance(event, spool.Artifact):
-                    if event.path in self._finished:  # its writer stored or reported it
-                        self._done(1)
-                    else:
-                        runs.setdefault(event.run_id, _Run()).artifacts.append(event)
-                elif event.kind == "end":
-                    self._send_run(event.run_id, runs.pop(event.run_id, _Run()))
-                    # the end was written before the segment's last write, and usually just
-                    # after the run's last metric
-                    when = min(self._last_metric.get(event.run_id, mtime), mtime)
-                    self._end(event.run_id, event.value, int(when * 1000))
-                else:
-                    runs.setdefault(event.run_id, _Run()).meta.append(event)
-        for run_id, run in runs.items():
-            self._send_run(run_id, run)
+            chunk = [e for e in map(partial(self._event, mtime), events) if e is not None]
+            count += len(chunk)
+            if chunk:
+                self._records.append(chunk)
+        self._outstanding[number] = count
+        if not count:
+            self._settled(number)
+
+    def _event(self, mtime: float, event: Any) -> Any:
+        if type(event) is tuple:
+            when = to_seconds(event[3])
+            self._last_metric[event[0]] = max(self._last_metric.get(event[0], 0), when)
+            return event
+        if isinstance(event, spool.ArtifactDone):
+            return None  # a marker, not an event
+        if isinstance(event, spool.Artifact):
+            if event.path in self._finished:  # its writer stored or reported it
+                self.finished += 1
+                return None
+            return _upload_job(event)
+        if isinstance(event, MetaEvent) and event.kind == "end":
+            # the end was written before the segment's last write, and usually just after
+            # the run's last metric
+            when = min(self._last_metric.get(event.run_id, mtime), mtime)
+            self.end_times[event.run_id] = int(when * 1000)
+        return event
+
+    def ack(self, segment: int, count: int) -> None:
+        left = self._outstanding[segment] = self._outstanding.get(segment, 0) - count
+        if left <= 0:
+            self._settled(segment)
+
+    def note_done(self, job: Job, segment: int, stored: bool) -> None:
+        if stored and job.spooled is not None:  # a refused upload's copy stays staged
+            self._uploaded.setdefault(segment, []).append(job.spooled[0])
+
+    def _settled(self, number: int) -> None:
+        segment = self._read.pop(number, None)
+        if segment is None:
+            return
+        path = segment.path
         try:
             if segment.damage:
                 path.rename(path.with_name(path.name + ".damaged"))
                 count = sum(len(events) for _, events in segment.records)
-                self.report.damaged.append(
+                self._report.damaged.append(
                     f"{path}: {segment.damage}; {len(segment.records)} records ({count} events)"
                     f" replayed, {segment.lost_bytes} bytes lost; kept as {path.name}.damaged"
                 )
             else:
                 path.unlink()
         except OSError as exc:
-            self.report.errors.append(f"cannot remove the replayed {path}: {exc.strerror}")
+            self._report.errors.append(f"cannot remove the replayed {path}: {exc.strerror}")
             return
-        for staged in self._uploaded:  # only now: a replay cut short must find them again
+        for staged in self._uploaded.pop(number, []):  # only now: a cut-short sync redoes them
             _remove_staged(Path(staged))
 
-    def _send_run(self, run_id: str, run: _Run) -> None:
-        batches = [
-            run.metrics[start : start + MAX_METRICS]
-            for start in range(0, len(run.metrics), MAX_METRICS)
-        ]
-        if len(batches) > 1 and self._uri.startswith(("http://", "https://")):
-            # Metrics carry their own step and time, so their calls may overlap; the server
-            # stores about twice as much with calls in flight, as the worker's are.
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(_IN_FLIGHT, thread_name_prefix="asynctrack-sync")
-            futures = [self._pool.submit(self._send, run_id, b) for b in batches]
-            wait(futures)  # all of them: none may outlive this directory's replay
-            for future in futures:
-                future.result()  # a _Deadline in any of them ends this directory's replay
-        else:
-            for batch in batches:
-                self._send(run_id, batch)
-        meta = pack_meta(run_id, run.meta)
-        self._done(len(run.meta) - sum(len(b) for b in meta))  # folded repeats: stored
-        for meta_batch in meta:
-            self._send(run_id, meta_batch.events())
-        for artifact in run.artifacts:
-            self._artifact(artifact)
 
-    def _send(self, run_id: str, items: list[Any]) -> None:
-        """Metrics, or params and tags, in one ``log_batch``."""
-        transport = self._get_transport()
-        if type(items[0]) is tuple:
-            call = partial(transport.log_batch, run_id, items, (), ())
-        else:
-            params = [(e.key, e.value) for e in items if e.kind == "param"]
-            tags = [(e.key, e.value) for e in items if e.kind == "tag"]
-            call = partial(transport.log_batch, run_id, (), params, tags)
-        refused = self._attempt(call)
-        if not isinstance(refused, Refused):
-            self._done(len(items))
-        elif refused.splittable and len(items) > 1:  # one bad event must not sink the others
-            self._send(run_id, items[: len(items) // 2])
-            self._send(run_id, items[len(items) // 2 :])
-        else:
-            self._refuse(
-                Rejection(run_id, "metric", i[1], refused.reason)
-                if type(i) is tuple
-                else Rejection(run_id, i.kind, i.key, refused.reason)
-                for i in items
-            )
+class _ReplayTransport:
+    """The directory's transport, but a run's end goes only to a run still RUNNING, with
+    the time its process last wrote for it."""
 
-    def _end(self, run_id: str, status: str, end_time: int) -> None:
-        ended = self._attempt(partial(self._end_if_running, run_id, status, end_time))
-        if isinstance(ended, Refused):
-            self._refuse([Rejection(run_id, "run", "status", ended.reason)])
-        else:
-            self._done(1)
+    def __init__(self, inner: Transport, source: SegmentSource) -> None:
+        self._inner, self._source = inner, source
+        self.log_batch = inner.log_batch
+        self.run_status = inner.run_status
 
-    def _artifact(self, artifact: spool.Artifact) -> None:
-        """A staged file, or a staging area (a directory laid out as run-relative paths)."""
-        run_id, path, artifact_path = artifact.run_id, artifact.path, artifact.artifact_path
+    def end_run(self, run_id: str, status: str, end_time: int) -> None:
+        _end_if_running(self._inner, run_id, status, self._source.end_times.get(run_id, end_time))
 
-        def upload() -> None:
-            client = self._get_client()
-            if os.path.isdir(path):
-                _classified(partial(client.log_artifacts, run_id, path, artifact_path))
-            elif os.path.isfile(path):
-                _classified(partial(client.log_artifact, run_id, path, artifact_path))
-            else:  # its writer did not finish it, and the staged copy is gone
-                raise Refused("lost: the staged copy is gone", splittable=False)
 
-        refused = self._attempt(upload)
-        if isinstance(refused, Refused):  # what is still staged stays where it is
-            self._refuse([Rejection(run_id, "artifact", path, refused.reason)])
-        else:
-            self._uploaded.append(path)
-            self._done(1)
+def _upload_job(artifact: spool.Artifact) -> Job:
+    """A staged file, or a staging area (a directory laid out as run-relative paths)."""
+    run_id, path, artifact_path = artifact.run_id, artifact.path, artifact.artifact_path
 
-    def _attempt(self, call: Callable[[], T]) -> T | Refused:
-        """Call until it returns or is refused, backing off with jitter while the server is
-        away, until ``timeout`` seconds pass without an answer."""
-        delay = _BACKOFF_FIRST
-        while True:
+    async def work(jobs: Any) -> None:
+        await jobs.upload(run_id, path, artifact_path)
+
+    return Job(run_id, "artifact", path, work, spooled=(path, artifact_path))
+
+
+class _ReplayJobs:
+    """What replayed uploads need of a job context: blocking calls and the retry policy."""
+
+    config = EngineConfig()
+
+    def __init__(self, uri: str, policy: RetryPolicy) -> None:
+        self._uri, self._policy = uri, policy
+        self._pool = DaemonPool(4, "asynctrack-sync-io")
+        self._client: Any = None
+        self.resources = Resources()
+        self.files = FileCounters()
+
+    async def run_blocking(self, fn: Callable[[], T]) -> T:
+        return await self._pool.run(fn)
+
+    def note_transient(self, reason: str) -> None:
+        return None
+
+    def spooled(self) -> int:
+        return 0
+
+    async def upload(self, run_id: str, path: str, artifact_path: str | None) -> None:
+        def call() -> None:
+            if self._client is None:
+                from mlflow import MlflowClient
+
+                self._client = MlflowClient(tracking_uri=self._uri)
             try:
-                result: T | Refused = call()
-            except Transient as exc:
-                self._last_error = str(exc)
-                remaining = self._deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _Deadline from None
-                time.sleep(min(delay * random.uniform(0.5, 1.5), remaining))
-                delay = min(delay * 2, _BACKOFF_MAX)
-                continue
-            except Refused as exc:
-                result = exc
-            except Exception as exc:  # one record that cannot be sent must not stop the sync
-                result = Refused(_short(f"not sent: {type(exc).__name__}: {exc}"), True)
-            # an answer: a long replay is not cut short by a brief outage late in it
-            self._deadline = time.monotonic() + self._timeout
-            return result
+                if os.path.isdir(path):
+                    self._client.log_artifacts(run_id, path, artifact_path)
+                elif os.path.isfile(path):
+                    self._client.log_artifact(run_id, path, artifact_path)
+                else:  # its writer did not finish it, and the staged copy is gone
+                    raise Refused("lost: the staged copy is gone", splittable=False)
+            except (Refused, Transient):
+                raise
+            except Exception as exc:
+                raise sort_mlflow_error(exc) from None
 
-    def _end_if_running(self, run_id: str, status: str, end_time: int) -> bool:
-        # an end already stored (or set by someone else) keeps its status and time
-        if self._run_status(run_id) != "RUNNING":
-            return False
-        self._get_transport().end_run(run_id, status, end_time)
-        return True
-
-    def _run_status(self, run_id: str) -> str:
-        if not self._uri.startswith(("http://", "https://")):
-            return str(_classified(lambda: self._get_client().get_run(run_id).info.status))
-        from mlflow.exceptions import MlflowException
-        from mlflow.utils.credentials import get_default_host_creds
-        from mlflow.utils.rest_utils import http_request
-
-        try:  # not MlflowClient.get_run: its retries take minutes against a dead server
-            response = http_request(
-                get_default_host_creds(self._uri), "/api/2.0/mlflow/runs/get", "GET",
-                max_retries=0, backoff_factor=0, retry_codes=(), raise_on_status=False,
-                timeout=self._request_timeout, params={"run_id": run_id},
-            )  # fmt: skip
-        except MlflowException as exc:
-            raise Transient(_short(str(exc))) from None
-        if response.status_code == 200:
-            return str(response.json()["run"]["info"]["status"])
-        if response.status_code in _TRANSIENT_STATUS:
-            raise Transient(f"HTTP {response.status_code}")
-        code, message = _error_of(response.text)
-        raise Refused(f"{code or 'HTTP ' + str(response.status_code)}: {_short(message)}", False)
-
-    def _get_transport(self) -> Transport:
-        if self._transport is None:
-            self._transport = make_transport(self._uri, self._request_timeout)
-        return self._transport
-
-    def _get_client(self) -> Any:
-        if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self._uri)
-        return self._client
-
-    def _done(self, count: int) -> None:
-        with self._lock:  # metric batches finish on the pool's threads
-            self.report.stored += count
-            self._waiting -= count
-            if count and self._progress is not None:
-                self._progress(count)
-
-    def _refuse(self, rejections: Iterable[Rejection]) -> None:
-        rejections = list(rejections)
-        with self._lock:
-            self.report.refused.extend(rejections)
-            self._waiting -= len(rejections)
-            if self._progress is not None:
-                self._progress(len(rejections))
+        result = await self._policy.attempt(lambda: self.run_blocking(call), lambda exc: None)
+        if isinstance(result, Refused):  # what is still staged stays where it is
+            raise RuntimeError(result.reason)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-
-
-def _classified(call: Callable[[], T]) -> T:
-    """An MlflowClient call, its failures sorted as the transports sort theirs."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return call()
-    except MlflowException as exc:
-        if exc.error_code in _TRANSIENT_CODES:
-            raise Transient(_short(exc.message)) from None
-        raise Refused(f"{exc.error_code}: {_short(exc.message)}", splittable=False) from None
-    except OSError as exc:  # requests' connection errors are OSErrors too
-        raise Transient(_short(f"{type(exc).__name__}: {exc}")) from None
-    except Exception as exc:  # an artifact store's own error (S3 credentials...): reported
-        raise Refused(_short(f"{type(exc).__name__}: {exc}"), splittable=False) from None
+        self._pool.close()
 
 
 def _remove_dir(directory: Path) -> None:

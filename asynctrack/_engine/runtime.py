@@ -21,13 +21,15 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from asynctrack._engine.engine import Engine, State
 from asynctrack._engine.stats import Stats
 from asynctrack._engine.transport import redact
-from asynctrack._engine.worker import Engine, State
 from asynctrack.config import EngineConfig
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
+_settings: dict[str, Any] = {}  # configure()'s keywords, for every URI
+_uri_settings: dict[str, dict[str, Any]] = {}  # configure_engine()'s, on top, for one URI
 _config: EngineConfig | None = None
 
 
@@ -35,44 +37,59 @@ def configure(**settings: Any) -> EngineConfig:
     """Set the engine's knobs (see :class:`asynctrack.config.EngineConfig`) for this process.
 
     Call it before logging: engines already running keep their settings, so doing otherwise
-    raises ``RuntimeError``.
+    raises ``RuntimeError``. Settings given to :func:`configure_engine` for one URI stay,
+    on top of these.
     """
     global _config
     config = EngineConfig.resolve(**settings)
     with _lock:
         if any(e.state is State.OPEN for e in _engines.values()):
             raise RuntimeError("asynctrack.configure() must be called before anything is logged")
+        _settings.clear()
+        _settings.update(settings)
         _config = config
-        _engines.clear()
+        for uri in list(_engines):
+            _engines[uri] = _new_engine(uri)
     return config
 
 
 def configure_engine(tracking_uri: str, **settings: Any) -> EngineConfig:
     """Settings for the engine of one tracking URI (say, its ``artifacts_destination``),
-    before anything is logged to it; other URIs keep the process-wide settings."""
-    config = EngineConfig.resolve(**settings)
+    before anything is logged to it, on top of :func:`configure`'s; other URIs keep the
+    process-wide settings."""
+    EngineConfig.resolve(**{**_settings, **settings})  # a bad value fails here, not later
     with _lock:
         engine = _engines.get(tracking_uri)
         if engine is not None and engine.state is State.OPEN:
             raise RuntimeError(f"the engine for {redact(tracking_uri)} is already running")
-        engine = _engines[tracking_uri] = Engine(tracking_uri, config)
-        _register_mp_finalizer(engine)
-    return config
+        _uri_settings[tracking_uri] = {**_uri_settings.get(tracking_uri, {}), **settings}
+        engine = _engines[tracking_uri] = _new_engine(tracking_uri)
+    return engine.config
+
+
+def _new_engine(tracking_uri: str) -> Engine:
+    """An engine with the process's settings and the URI's own (under ``_lock``)."""
+    own = _uri_settings.get(tracking_uri)
+    if own:
+        config = EngineConfig.resolve(**{**_settings, **own})
+    else:
+        global _config
+        if _config is None:
+            _config = EngineConfig.resolve()
+        config = _config
+    engine = Engine(tracking_uri, config)
+    _register_mp_finalizer(engine)
+    return engine
 
 
 def get_engine(tracking_uri: str) -> Engine:
     engine = _engines.get(tracking_uri)
     if engine is not None:
         return engine
-    global _config
     with _lock:
         engine = _engines.get(tracking_uri)
         if engine is None:
-            if _config is None:
-                _config = EngineConfig.resolve()
-            engine = Engine(tracking_uri, _config)
-            _engines[tracking_uri] = engine
-            _register_mp_finalizer(engine)
+            engine = _engines[tracking_uri] = _new_engine(tracking_uri)
         return engine
 
 
@@ -165,10 +182,11 @@ _after_fork_token = _Token()
 
 
 def _after_fork_in_child() -> None:
+    """The one fork hook: every engine starts afresh, with nothing of its parent's."""
     global _lock
     _lock = threading.Lock()  # the parent may have held it while forking
     for engine in _engines.values():
-        engine._reset()
+        engine.after_fork()
         _register_mp_finalizer(engine)
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import threading
-import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -67,7 +65,6 @@ class FileCounters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         self._files = dict.fromkeys(self._FIELDS, 0)
         self._bytes = dict.fromkeys(self._FIELDS, 0)
 
@@ -101,27 +98,3 @@ class FileCounters:
                 **{f"files_{k}": v for k, v in self._files.items()},
                 **{f"bytes_{k}": v for k, v in self._bytes.items()},
             }
-
-
-_file_counters: weakref.WeakKeyDictionary[Any, FileCounters] = weakref.WeakKeyDictionary()
-_counters_lock = threading.Lock()
-
-
-def _after_fork_in_child() -> None:
-    global _counters_lock
-    _counters_lock = threading.Lock()  # a parent thread may have held it while forking
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def file_counters(engine: Any) -> FileCounters:
-    """The artifact counters of ``engine``; fresh ones in a forked child, as the engine's own
-    counters are (the parent's uploads stay the parent's)."""
-    counters = _file_counters.get(engine)
-    if counters is None or counters._pid != os.getpid():
-        with _counters_lock:
-            counters = _file_counters.get(engine)
-            if counters is None or counters._pid != os.getpid():
-                counters = _file_counters[engine] = FileCounters()
-    return counters

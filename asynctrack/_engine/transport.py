@@ -1,8 +1,10 @@
-"""How batches reach the tracking store.
+"""How batches reach the tracking store, and how its answers are sorted.
 
-Two transports with one contract: ``log_batch`` and ``end_run`` either return (stored), raise
-:class:`Transient` (retry later: the server is down, overloaded or slow) or raise
-:class:`Refused` (the server said no; retrying the same request cannot help).
+Two transports with one contract: ``log_batch``, ``end_run`` and ``run_status`` either
+return, raise :class:`Transient` (retry later: the server is down, overloaded or slow) or
+raise :class:`Refused` (the server said no; retrying the same request cannot help).
+:func:`check_answer` and :func:`sort_mlflow_error` are the one place where an answer is
+judged, for the live worker, ``asynctrack sync`` and the artifact uploads alike.
 
 ``RestTransport`` writes the ``log-batch`` JSON body directly: building MLflow entities and
 protobufs costs about 14 us of worker CPU per metric, the body written here under 1 us,
@@ -29,7 +31,12 @@ from asynctrack._engine.wire import usable as wire_usable
 KeyValue = tuple[str, str]
 
 # Server answers that mean "try again later".
-_TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+# MlflowException codes meaning "away or busy" (a local store, or MLflow's own client).
+TRANSIENT_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED"})
+# An overloaded server answers some requests with a 400 whose message tells the truth:
+# an exhausted SQLAlchemy pool (PostgreSQL) or a busy sqlite file.
+_OVERLOAD_MESSAGES = ("QueuePool limit of size", "database is locked")
 # Error codes where the request as a whole is refused, so splitting it cannot help.
 _WHOLE_REQUEST_CODES = frozenset(
     {"RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
@@ -37,7 +44,11 @@ _WHOLE_REQUEST_CODES = frozenset(
 
 
 class Transient(Exception):
-    """The request may succeed later."""
+    """The request may succeed later (not before ``retry_after`` seconds, when given)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 class Refused(Exception):
@@ -59,6 +70,38 @@ class Transport(Protocol):
     ) -> None: ...
 
     def end_run(self, run_id: str, status: str, end_time: int) -> None: ...
+
+    def run_status(self, run_id: str) -> str: ...
+
+
+def check_answer(status: int, text: str) -> None:
+    """Return for a 200; raise Transient or Refused for any other answer."""
+    if status == 200:
+        return
+    if status in TRANSIENT_STATUS:
+        raise Transient(f"HTTP {status}")
+    code, message = _error_of(text)
+    if any(sign in message for sign in _OVERLOAD_MESSAGES):
+        raise Transient(f"HTTP {status}: {short(message)}")
+    raise Refused(
+        f"{code or 'HTTP ' + str(status)}: {short(message)}",
+        splittable=_splittable(code, message) and status not in (401, 403, 404),
+    )
+
+
+def sort_mlflow_error(exc: Exception) -> Transient | Refused:
+    """An exception from MLflow's own client or store, as a Transient or a Refused."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        code, message = exc.error_code, exc.message
+        if code in TRANSIENT_CODES or any(sign in message for sign in _OVERLOAD_MESSAGES):
+            return Transient(short(message))
+        return Refused(f"{code}: {short(message)}", splittable=_splittable(code, message))
+    if isinstance(exc, OSError):  # requests' connection errors, a locked or full disk
+        return Transient(short(f"{type(exc).__name__}: {exc}"))
+    # an artifact store's own error (S3 credentials, say): reported, not retried
+    return Refused(short(f"{type(exc).__name__}: {exc}"), splittable=False)
 
 
 # '{"key":"<key>","value":' for each key seen, so a metric costs one f-string.
@@ -130,16 +173,8 @@ class RestTransport:
             try:
                 status, text = self._wire.post(endpoint, body.encode("utf-8"))
             except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out
-                raise Transient(_short(f"{type(exc).__name__}: {exc}")) from None
-        if status == 200:
-            return
-        if status in _TRANSIENT_STATUS:
-            raise Transient(f"HTTP {status}")
-        code, message = _error_of(text)
-        raise Refused(
-            f"{code or 'HTTP ' + str(status)}: {_short(message)}",
-            splittable=_splittable(code, message) and status not in (401, 403, 404),
-        )
+                raise Transient(short(f"{type(exc).__name__}: {exc}")) from None
+        check_answer(status, text)
 
     def _post_via_mlflow(self, endpoint: str, body: str) -> tuple[int, str]:
         from mlflow.exceptions import MlflowException
@@ -161,8 +196,23 @@ class RestTransport:
                 extra_headers={"Content-Type": "application/json"},
             )
         except MlflowException as exc:  # connection refused, reset, timed out
-            raise Transient(_short(str(exc))) from None
+            raise Transient(short(str(exc))) from None
         return response.status_code, response.text
+
+    def run_status(self, run_id: str) -> str:
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.rest_utils import http_request
+
+        try:  # not MlflowClient.get_run: its retries take minutes against a dead server
+            response = http_request(
+                self._creds, "/api/2.0/mlflow/runs/get", "GET", max_retries=0,
+                backoff_factor=0, retry_codes=(), raise_on_status=False,
+                timeout=self._timeout, params={"run_id": run_id},
+            )  # fmt: skip
+        except MlflowException as exc:
+            raise Transient(short(str(exc))) from None
+        check_answer(response.status_code, response.text)
+        return str(response.json()["run"]["info"]["status"])
 
     def log_batch(
         self,
@@ -188,20 +238,11 @@ class StoreTransport:
 
         self._client = MlflowClient(tracking_uri=tracking_uri)
 
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> None:
-        from mlflow.exceptions import MlflowException
-
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            fn(*args, **kwargs)
-        except MlflowException as exc:
-            code = exc.error_code
-            if code in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED"):
-                raise Transient(_short(exc.message)) from None
-            raise Refused(
-                f"{code}: {_short(exc.message)}", splittable=_splittable(code, exc.message)
-            ) from None
-        except OSError as exc:  # a locked sqlite file or a full disk
-            raise Transient(_short(str(exc))) from None
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            raise sort_mlflow_error(exc) from None
 
     def log_batch(
         self,
@@ -224,6 +265,9 @@ class StoreTransport:
 
     def end_run(self, run_id: str, status: str, end_time: int) -> None:
         self._call(self._client.set_terminated, run_id, status, end_time)
+
+    def run_status(self, run_id: str) -> str:
+        return str(self._call(self._client.get_run, run_id).info.status)
 
 
 def make_transport(tracking_uri: str, request_timeout: float) -> Transport:
@@ -259,7 +303,7 @@ def redact(text: str) -> str:
     return _USERINFO.sub("***@", text)
 
 
-def _short(message: str, limit: int = 300) -> str:
+def short(message: str, limit: int = 300) -> str:
     """Trim a server message, and hide credentials a URL in it carries."""
     message = redact(message)
     return message if len(message) <= limit else message[:limit] + "..."

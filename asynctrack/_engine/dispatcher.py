@@ -1,0 +1,248 @@
+"""The dispatcher: every rule of delivery, for the live worker and ``asynctrack sync`` alike.
+
+It takes chunks of events from a :class:`Source` (the live intake's window, or a dead
+process's spool segments) and turns them into requests:
+
+- metrics are batched per run, 1000 a call, up to ``max_in_flight`` calls at once: the
+  server stores about twice as much with calls in flight, and metrics carry their own step
+  and timestamp, so their order between requests does not matter;
+- params and tags go through one lane per run, in order (``pack_meta``), so the last
+  ``set_tag`` wins; repeats folded into one request count as stored;
+- a run's end, a flush barrier and a job wait for everything before them;
+- transient failures are retried (``RetryPolicy``); a refused request is split in half
+  until the events at fault are alone, and those are refused, named by run and key.
+
+Every event taken is settled exactly once: stored or refused, in the :class:`Ledger`, and
+acknowledged to its source, which may then forget it (a spool segment is deleted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from asynctrack._engine.batching import MAX_METRICS, pack_meta
+from asynctrack._engine.events import Barrier, Job, MetaEvent, Metric, now_ms
+from asynctrack._engine.jobs import JobContext
+from asynctrack._engine.ledger import Ledger
+from asynctrack._engine.retry import GaveUp, RetryPolicy
+from asynctrack._engine.threads import DaemonPool
+from asynctrack._engine.transport import Refused, Transient, Transport
+from asynctrack.errors import Rejection
+
+logger = logging.getLogger("asynctrack")
+
+
+class Source(Protocol):
+    def next_chunk(self) -> tuple[int, list[Any]] | None:
+        """The next events in queueing order, with the spool segment they are in (0: none)."""
+
+    def ack(self, segment: int, count: int) -> None:
+        """``count`` events of ``segment`` are settled (stored or refused)."""
+
+    def note_done(self, job: Job, segment: int, stored: bool) -> None:
+        """``job`` is finished (``stored``, or refused): a sync must never redo it."""
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        source: Source,
+        transport: Transport,
+        ledger: Ledger,
+        jobs: JobContext | None,
+        max_in_flight: int,
+        policy: RetryPolicy,
+    ) -> None:
+        self._source, self._transport, self._ledger, self._jobs = source, transport, ledger, jobs
+        self._policy = policy
+        self._senders = DaemonPool(max_in_flight + 1, "asynctrack-send")
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._job_tasks: set[asyncio.Task[None]] = set()
+        self._lanes: dict[str, asyncio.Lock] = {}  # one per run: params, tags, end in order
+        self._metrics: dict[str, list[Metric]] = {}
+        self._meta: dict[str, list[MetaEvent]] = {}
+        self._segment = 0  # every partial batch belongs to one segment, settled as a whole
+        self._failure: BaseException | None = None  # a send that gave up (sync's deadline)
+
+    @property
+    def partial(self) -> int:
+        """Events in batches not yet sent."""
+        return sum(map(len, self._metrics.values())) + sum(map(len, self._meta.values()))
+
+    async def pump(self, due: bool) -> None:
+        """Batch everything the source has, sending full batches; partial ones too if due."""
+        while (chunk := self._source.next_chunk()) is not None:
+            segment, events = chunk
+            if segment != self._segment:
+                await self._dispatch_all()
+                self._segment = segment
+            for event in events:
+                await self._take(event)
+            # Between chunks (256 events), the loop's select() releases the GIL for the
+            # training loop, which waits for it when it comes back from numpy or torch.
+            await asyncio.sleep(0)
+        if due:
+            await self._dispatch_all()
+
+    async def _take(self, event: Any) -> None:
+        if type(event) is tuple:
+            batch = self._metrics.setdefault(event[0], [])
+            batch.append(event)
+            if len(batch) >= MAX_METRICS:
+                del self._metrics[event[0]]
+                await self._spawn(self._send_metrics(event[0], batch, self._segment))
+        elif isinstance(event, MetaEvent):
+            if event.kind == "end":
+                await self.settle()
+                await self._end_run(event, self._segment)
+            else:
+                self._meta.setdefault(event.run_id, []).append(event)
+        elif isinstance(event, Job):
+            task = asyncio.get_running_loop().create_task(self._run_job(event, self._segment))
+            self._job_tasks.add(task)
+            task.add_done_callback(self._job_tasks.discard)
+        elif isinstance(event, Barrier):
+            await self.settle()
+            event.future.set_result(None)
+
+    async def settle(self) -> None:
+        """Send every partial batch and wait until all requests and jobs are done."""
+        await self._dispatch_all()
+        while self._tasks or self._job_tasks:
+            await asyncio.gather(*self._tasks, *self._job_tasks, return_exceptions=True)
+        if self._failure is not None:
+            raise self._failure
+
+    def close(self) -> None:
+        self._senders.close()
+
+    # ------------------------------------------------------------------ batches
+
+    async def _dispatch_all(self) -> None:
+        segment = self._segment
+        metrics, self._metrics = self._metrics, {}
+        for run_id, batch in metrics.items():
+            await self._spawn(self._send_metrics(run_id, batch, segment))
+        meta, self._meta = self._meta, {}
+        for run_id, events in meta.items():
+            batches = pack_meta(run_id, events)
+            folded = len(events) - sum(len(b) for b in batches)  # a tag set twice, say
+            self._ledger.stored(folded, request=False)
+            self._source.ack(segment, folded)
+            for meta_batch in batches:
+                await self._spawn(self._send_meta(run_id, meta_batch.events(), segment))
+
+    async def _spawn(self, coro: Any) -> None:
+        try:
+            await self._slots.acquire()  # back-pressure: at most max_in_flight requests
+        except BaseException:  # cancelled at exit: the request is never made
+            coro.close()
+            raise
+        if self._failure is not None:  # sync gave up on this server: send nothing more
+            self._slots.release()
+            coro.close()
+            raise self._failure
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, GaveUp):  # sync's deadline: what is unsettled stays on disk
+            self._failure = self._failure or error
+        elif error is not None:  # a bug: say so, and keep the worker going
+            logger.error("asynctrack send failed", exc_info=error)
+
+    async def _send_metrics(self, run_id: str, batch: Sequence[Metric], segment: int) -> None:
+        call = self._blocking(lambda: self._transport.log_batch(run_id, batch, (), ()))
+        refused = await self._attempt(len(batch), call)
+        if refused is None:
+            self._stored(len(batch), segment)
+        elif refused.splittable and len(batch) > 1:
+            half = len(batch) // 2
+            await self._send_metrics(run_id, batch[:half], segment)
+            await self._send_metrics(run_id, batch[half:], segment)
+        else:
+            reason = refused.reason
+            self._refuse([Rejection(run_id, "metric", m[1], reason) for m in batch], segment)
+
+    async def _send_meta(self, run_id: str, events: Sequence[MetaEvent], segment: int) -> None:
+        async with self._lanes.setdefault(run_id, asyncio.Lock()):  # FIFO: in logging order
+            await self._send_meta_in_lane(run_id, events, segment)
+
+    async def _send_meta_in_lane(
+        self, run_id: str, events: Sequence[MetaEvent], segment: int
+    ) -> None:
+        params = [(e.key, e.value) for e in events if e.kind == "param"]
+        tags = [(e.key, e.value) for e in events if e.kind == "tag"]
+        call = self._blocking(lambda: self._transport.log_batch(run_id, (), params, tags))
+        refused = await self._attempt(len(events), call)
+        if refused is None:
+            self._stored(len(events), segment)
+        elif refused.splittable and len(events) > 1:
+            half = len(events) // 2
+            await self._send_meta_in_lane(run_id, events[:half], segment)
+            await self._send_meta_in_lane(run_id, events[half:], segment)
+        else:
+            reason = refused.reason
+            self._refuse([Rejection(run_id, e.kind, e.key, reason) for e in events], segment)
+
+    async def _end_run(self, event: MetaEvent, segment: int) -> None:
+        run_id, status = event.run_id, event.value
+        call = self._blocking(lambda: self._transport.end_run(run_id, status, now_ms()))
+        refused = await self._attempt(1, call)
+        self._lanes.pop(run_id, None)
+        if refused is None:
+            self._ledger.completed(1)
+            self._source.ack(segment, 1)
+        else:
+            self._refuse([Rejection(run_id, "run", "status", refused.reason)], segment)
+
+    def _blocking(self, fn: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+        return lambda: self._senders.run(fn)
+
+    async def _attempt(self, count: int, call: Callable[[], Awaitable[None]]) -> Refused | None:
+        async def counted() -> None:
+            self._ledger.in_flight += 1
+            try:
+                await call()
+            finally:
+                self._ledger.in_flight -= 1
+
+        def retrying(exc: Transient) -> None:
+            self._ledger.retrying(count, str(exc))
+
+        result = await self._policy.attempt(counted, retrying)
+        return result if isinstance(result, Refused) else None
+
+    # ------------------------------------------------------------------ jobs and settling
+
+    async def _run_job(self, job: Job, segment: int) -> None:
+        try:
+            if self._jobs is None:
+                raise RuntimeError("no job context to run it in")
+            await job.work(self._jobs)
+        except GaveUp as exc:  # sync's deadline: the job stays on disk, for the next sync
+            self._failure = self._failure or exc
+        except Exception as exc:  # reported at the next flush, named by the job's label
+            self._source.note_done(job, segment, stored=False)
+            reason = str(exc) or repr(exc)
+            self._refuse([Rejection(job.run_id, job.kind, job.label, reason)], segment)
+        else:
+            self._source.note_done(job, segment, stored=True)
+            self._ledger.completed(1)
+            self._source.ack(segment, 1)
+
+    def _stored(self, count: int, segment: int) -> None:
+        self._ledger.stored(count)
+        self._source.ack(segment, count)
+
+    def _refuse(self, rejections: list[Rejection], segment: int) -> None:
+        self._ledger.refused(rejections)
+        self._source.ack(segment, len(rejections))

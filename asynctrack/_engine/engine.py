@@ -1,0 +1,326 @@
+"""The engine: everything logged to one tracking URI in this process goes through one.
+
+It puts the pieces together and owns their lifecycle::
+
+    callers --put--> EventQueue --take--> Intake --spool--> disk
+                                            |  window (or the backlog, read back)
+                                            v
+                        Dispatcher --log_batch/end_run--> Transport --> server
+                             |  jobs (uploads) ---------> JobContext (this engine)
+                             v
+                           Ledger  <-- stats(), flush()'s rejections
+
+Two tasks run on the worker's loop: the intake, which takes what is queued every 50 ms
+(at once when a flush or a full queue wakes it) and never waits for the server, and the
+pump, which feeds the dispatcher. The pump may wait for the server; the intake never does,
+so callers find room while the sender is stuck, and the spool takes what memory cannot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from asynctrack._engine import spool
+from asynctrack._engine.batching import MAX_METRICS
+from asynctrack._engine.dispatcher import Dispatcher
+from asynctrack._engine.events import Event, MetaEvent
+from asynctrack._engine.intake import Intake, report_orphans
+from asynctrack._engine.jobs import Resources
+from asynctrack._engine.ledger import Ledger
+from asynctrack._engine.queue import EventQueue
+from asynctrack._engine.retry import RetryPolicy
+from asynctrack._engine.stats import FileCounters, Stats
+from asynctrack._engine.threads import DaemonPool
+from asynctrack._engine.transport import Transport, make_transport, redact
+from asynctrack._engine.worker import Worker
+from asynctrack.config import EngineConfig
+from asynctrack.errors import DeliveryError, EngineClosedError, FlushTimeoutError
+
+logger = logging.getLogger("asynctrack")
+
+T = TypeVar("T")
+
+_POLL = 0.05  # seconds between looks at the queue's length
+# Events held in memory for sending beyond the queue; past it, they wait in the spool.
+# Large enough that a burst the server clears in seconds never goes through the disk.
+WINDOW = 100_000
+SEGMENT_BYTES = 8 * 1024 * 1024
+#: Live sending retries as long as the process lives; the exit deadline cuts it short.
+LIVE_RETRY = RetryPolicy(first=0.25, maximum=8.0)
+
+
+class State(enum.Enum):
+    UNOPENED = "unopened"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Engine:
+    def __init__(
+        self,
+        tracking_uri: str,
+        config: EngineConfig,
+        transport_factory: Callable[[str, float], Transport] = make_transport,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.config = config
+        self._transport_factory = transport_factory
+        self._lock = threading.Lock()
+        self.queue = EventQueue(config, self._start, self._wake, self._drop, self._full_message)
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """State of a new engine: at construction, and in a forked child (the parent's
+        events, spool and uploads stay the parent's)."""
+        self.state = State.UNOPENED
+        self.ledger = Ledger()
+        self.worker = Worker()
+        self.intake = Intake(self.queue, None, WINDOW)  # replaced when the worker starts
+        self.resources = Resources()
+        self._urgent = False
+        self._wake_event: asyncio.Event | None = None
+        self._io_pool: DaemonPool | None = None
+
+    def after_fork(self) -> None:
+        if self.intake.writer is not None:
+            self.intake.writer.forget()
+        self._lock = threading.Lock()  # a parent's thread may have held it while forking
+        self.worker.forget()
+        self.queue.clear()
+        self._fresh()
+
+    def __repr__(self) -> str:
+        return f"Engine({redact(self.tracking_uri)!r}, state={self.state.value})"
+
+    # ------------------------------------------------------------------ callers' side
+
+    def put(self, event: Event) -> None:
+        """Queue one event and return (the hot path; see ``EventQueue.put``)."""
+        self.queue.put(event)
+
+    @property
+    def open(self) -> bool:
+        return self.queue.open
+
+    def pending(self) -> int:
+        """Events accepted and not yet stored or refused (flush barriers are not events)."""
+        return self.queue.waiting() + self.ledger.held
+
+    def spool_dir(self) -> str:
+        writer = self.intake.writer
+        return str(writer.directory) if writer is not None else ""
+
+    def spooled(self) -> int:
+        """Events in the spool not yet stored."""
+        return self.intake.waiting
+
+    @property
+    def files(self) -> FileCounters:
+        return self.ledger.files
+
+    def stats(self) -> Stats:
+        writer = self.intake.writer
+        return self.ledger.stats(
+            queued=self.pending(),
+            spooled=self.intake.waiting,
+            spool_bytes=writer.total_bytes if writer else 0,
+            durable=self.intake.durable,
+        )
+
+    def last_error(self) -> str:
+        return self.intake.error or self.ledger.last_error
+
+    def end_run(self, run_id: str, status: str, timeout: float | None = None) -> None:
+        """Store the run's queued events, then set its status; raise what was refused."""
+        self.put(MetaEvent("end", run_id, "status", status))
+        self.flush(timeout, run_id=run_id)
+
+    def flush(
+        self, timeout: float | None = None, run_id: str | None = None, report: bool = True
+    ) -> None:
+        """Block until everything queued before the call is stored or refused.
+
+        Raises FlushTimeoutError at the deadline (``None``: the configured flush_timeout,
+        ``math.inf``: none), then, if ``report``, DeliveryError for events refused since the
+        last flush (only ``run_id``'s, when given); otherwise they wait for the next flush.
+        """
+        if self.state is State.OPEN:
+            barrier = self.queue.barrier()
+            limit = self.config.flush_timeout if timeout is None else timeout
+            try:
+                barrier.future.result(None if math.isinf(limit) else limit)
+            except TimeoutError:
+                pending = self.pending()
+                raise FlushTimeoutError(
+                    f"flush timed out after {limit} s with {pending} event(s) not yet stored "
+                    f"at {redact(self.tracking_uri)}{self._cause()}; they stay queued",
+                    pending,
+                ) from None
+        rejected = self.ledger.take_rejections(run_id) if report else []
+        if rejected:
+            raise DeliveryError(rejected)
+
+    def close(self, timeout: float) -> int:
+        """Send what is queued within ``timeout`` seconds, then stop; return what is left.
+
+        With a spool, part of the deadline is kept to write what is left to it: those
+        events stay there for ``asynctrack sync``.
+        """
+        with self._lock:
+            if self.state is not State.OPEN:
+                self.state = State.CLOSED
+                return 0
+        reserve = min(1.0, timeout / 5) if self.intake.writer is not None else 0.0
+        with contextlib.suppress(FlushTimeoutError, DeliveryError):
+            self.flush(timeout - reserve)
+        with self._lock:
+            self.state = State.CLOSED
+            self.queue.open = False
+        if self.intake.writer is not None:
+            with contextlib.suppress(Exception):
+                self.worker.run(self._close_spool(), reserve)
+        left = self.pending()
+        self.worker.stop(join=1.0)
+        return left
+
+    def _start(self) -> None:
+        with self._lock:
+            if self.state is State.OPEN:
+                return
+            if self.state is State.CLOSED:
+                raise EngineClosedError(
+                    "asynctrack has shut down (interpreter exit); event not logged"
+                )
+            # Built here, so a tracking URI it cannot serve fails the first call, loudly.
+            transport = self._transport_factory(self.tracking_uri, self.config.request_timeout)
+            self.worker.start(lambda started: self._main(started, transport))
+            self.state = State.OPEN
+            self.queue.open = True
+
+    def _wake(self) -> None:
+        """A flush or a full queue: take and send now, not at the next poll."""
+        self._urgent = True
+        wake = self._wake_event
+        if wake is not None:
+            self.worker.call_soon(wake.set)
+
+    def _drop(self) -> None:
+        self.ledger.drop()
+
+    def _full_message(self) -> str:
+        return (
+            f"asynctrack queue full ({self.queue.capacity} events) for "
+            f"{redact(self.tracking_uri)}; the server is not keeping up{self._cause()}"
+        )
+
+    def _cause(self) -> str:
+        error = self.last_error()  # a failing spool explains a full queue
+        return f" (last error: {error})" if error else ""
+
+    # ------------------------------------------------------------------ jobs' context
+
+    async def run_blocking(self, fn: Callable[[], T]) -> T:
+        """For jobs: run a blocking call on a daemon thread (never the metric senders')."""
+        assert self._io_pool is not None, "jobs run on the worker"
+        return await self._io_pool.run(fn)
+
+    def note_transient(self, reason: str) -> None:
+        """For jobs: remember why a retry happened, for timeout and exit messages."""
+        self.ledger.last_error = reason
+
+    # ------------------------------------------------------------------ the worker's loop
+
+    async def _main(self, started: threading.Event, transport: Transport) -> None:
+        self._wake_event = wake = asyncio.Event()
+        writer = self._open_spool()
+        # Without a spool the window is memory on top of the queue: keep it as bounded.
+        window = WINDOW if writer is not None else min(WINDOW, self.queue.capacity)
+        self.intake = intake = Intake(self.queue, writer, window)
+        self._io_pool = DaemonPool(4, "asynctrack-io")
+        dispatcher = Dispatcher(
+            intake, transport, self.ledger, self, self.config.max_in_flight, LIVE_RETRY
+        )
+        pump = _Pump(dispatcher)
+        pumping = asyncio.get_running_loop().create_task(pump.run())
+        started.set()
+        try:
+            poll, last = min(_POLL, self.config.flush_interval), time.monotonic()
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), poll)
+                wake.clear()
+                self._take()
+                if intake.sync_due(self.config.spool_sync_interval):
+                    await self.run_blocking(intake.sync)
+                due = self._urgent or time.monotonic() - last >= self.config.flush_interval
+                if due or intake.mem_events >= MAX_METRICS or intake.backlog is not None:
+                    self._urgent = False
+                    pump.wake(due)
+                    if due:
+                        last = time.monotonic()
+        finally:
+            pumping.cancel()
+            dispatcher.close()
+            self._io_pool.close()
+            with contextlib.suppress(Exception):
+                await self.resources.exit_stack.aclose()
+
+    def _take(self, everything: bool = False) -> None:
+        intake = self.intake
+        self.ledger.took(intake.pull(everything))
+        if intake.refused:  # values that could not be converted, taken out of their chunk
+            refused, intake.refused = intake.refused, []
+            self.ledger.took(len(refused))
+            self.ledger.refused(refused)
+
+    def _open_spool(self) -> spool.Writer | None:
+        if not self.config.spool:
+            return None
+        root = Path(self.config.spool_dir) if self.config.spool_dir else spool.default_root()
+        try:
+            writer = spool.Writer(
+                root, redact(self.tracking_uri), SEGMENT_BYTES, self.config.spool_limit
+            )
+        except spool.SpoolError as exc:
+            logger.warning("asynctrack: %s; events are kept in memory only until stored", exc)
+            return None
+        report_orphans(root, self.config.spool_recover)
+        return writer
+
+    async def _close_spool(self) -> None:
+        """At exit: everything still queued goes to the spool, made durable."""
+        self._take(everything=True)
+        await self.run_blocking(self.intake.sync)
+        self.intake.close()
+
+
+class _Pump:
+    """Feeds the dispatcher when the intake says so; one pass at a time."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+        self._event = asyncio.Event()
+        self._due = False
+
+    def wake(self, due: bool) -> None:
+        self._due |= due
+        self._event.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._event.wait()
+            self._event.clear()
+            due, self._due = self._due, False
+            try:
+                await self._dispatcher.pump(due)
+            except Exception:  # a bug must not kill the worker: log it, keep going
+                logger.exception("asynctrack worker error")

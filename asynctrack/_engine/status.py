@@ -1,0 +1,92 @@
+"""What spool directories hold, read without sending anything: ``asynctrack status``, and
+the survey a sync makes of a directory before replaying it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from asynctrack._engine import spool
+from asynctrack._engine.events import MetaEvent, to_seconds
+
+
+@dataclass
+class DirStatus:
+    """One writer directory as ``asynctrack status`` shows it."""
+
+    directory: Path
+    pid: int | None
+    host: str
+    alive: bool
+    segments: int
+    bytes: int
+    events: int
+    runs: list[str]
+    since: float | None  # seconds: the oldest metric's timestamp, else oldest segment's mtime
+    damage: list[str]
+
+
+@dataclass
+class Survey:
+    """A directory read once before anything is sent."""
+
+    paths: list[Path]
+    events: int = 0
+    runs: set[str] = field(default_factory=set)
+    ended: set[str] = field(default_factory=set)
+    oldest: float | None = None
+    damage: list[str] = field(default_factory=list)
+    mtimes: list[float] = field(default_factory=list)
+    done: set[str] = field(default_factory=set)  # uploads their writer finished
+
+
+def survey(paths: list[Path], writing: bool = False) -> Survey:
+    found = Survey(paths)
+    for path in paths:
+        try:
+            found.mtimes.append(path.stat().st_mtime)
+            segment = spool.read_segment(path)
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):  # else a live writer just dropped it
+                found.damage.append(f"{path.name}: cannot read: {exc.strerror or exc}")
+            continue
+        for _, events in segment.records:
+            for event in events:
+                if isinstance(event, spool.ArtifactDone):  # a marker, not an event
+                    found.done.add(event.path)
+                    continue
+                found.events += 1
+                if type(event) is tuple:
+                    found.runs.add(event[0])
+                    when = to_seconds(event[3])
+                    if found.oldest is None or when < found.oldest:
+                        found.oldest = when
+                else:
+                    found.runs.add(event.run_id)
+                    if isinstance(event, MetaEvent) and event.kind == "end":
+                        found.ended.add(event.run_id)
+        # a live writer's last record may be half written: not damage
+        if segment.damage and not (writing and path == paths[-1]):
+            found.damage.append(f"{path.name}: {segment.damage} ({segment.lost_bytes} bytes lost)")
+    return found
+
+
+def writer_dirs(root: Path) -> list[spool.SpoolDir]:
+    if (root / "lock").exists():  # one writer's directory, not the root
+        return [d for d in spool.scan(root.parent) if d.directory.name == root.name]
+    return spool.scan(root)
+
+
+def status(root: Path) -> list[DirStatus]:
+    """Every writer directory under ``root`` (or ``root`` itself) and what it holds."""
+    result = []
+    for d in writer_dirs(root):
+        seen = survey(d.segments, writing=d.alive)
+        since = seen.oldest if seen.oldest is not None else min(seen.mtimes, default=None)
+        pid = d.owner.get("pid")
+        result.append(
+            DirStatus(d.directory, pid if isinstance(pid, int) else None,
+                      str(d.owner.get("host", "?")), d.alive, len(d.segments), d.size,
+                      seen.events, sorted(seen.runs), since, seen.damage)
+        )  # fmt: skip
+    return result

@@ -66,7 +66,7 @@ class RunSink:
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self._put = get_engine(tracking_uri).put
+        self._put = get_engine(tracking_uri).queue.put  # the hot path's door
         # Params already logged: a changed value is refused at the call, as the server
         # would refuse the whole request (metrics included).
         self.params: dict[str, str] = {}

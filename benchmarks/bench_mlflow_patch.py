@@ -11,12 +11,14 @@ the client's own cost.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -128,9 +130,10 @@ def bench_training_loop(server_pid: int, results: dict[str, float]) -> None:
 def bench_lightning(results: dict[str, float]) -> None:
     """Steps/s of a tiny CPU model logging every step: no logger, MLFlowLogger plain,
     ``synchronous=False``, and patched."""
-    import lightning as L  # type: ignore[import-not-found]
-    import torch  # type: ignore[import-not-found]
-    from lightning.pytorch.loggers import MLFlowLogger  # type: ignore[import-not-found]
+    # Modules as values (typed Any), so the script type-checks without PyTorch installed.
+    L: Any = importlib.import_module("lightning")
+    torch: Any = importlib.import_module("torch")
+    MLFlowLogger = importlib.import_module("lightning.pytorch.loggers").MLFlowLogger
 
     torch.set_num_threads(1)
 
@@ -139,19 +142,19 @@ def bench_lightning(results: dict[str, float]) -> None:
             super().__init__()
             self.layer = torch.nn.Linear(32, 1)
 
-        def training_step(self, batch: object, _: int) -> object:
-            x, y = batch  # type: ignore[misc]
+        def training_step(self, batch: Any, _: int) -> Any:
+            x, y = batch
             loss = torch.nn.functional.mse_loss(self.layer(x), y)
             self.log("loss", loss)
             return loss
 
-        def configure_optimizers(self) -> object:
+        def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
     data = torch.utils.data.TensorDataset(torch.randn(4096, 32), torch.randn(4096, 1))
     steps = 1024
 
-    def fit(logger: object) -> float:
+    def fit(logger: Any) -> float:
         loader = torch.utils.data.DataLoader(data, batch_size=4)
         trainer = L.Trainer(
             max_steps=steps, logger=logger, log_every_n_steps=1, enable_progress_bar=False,

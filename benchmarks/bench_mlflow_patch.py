@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import statistics
 import sys
 import tempfile
@@ -183,6 +184,8 @@ def bench_lightning(results: dict[str, float]) -> None:
 def main() -> None:
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp, MlflowServer(Path(tmp), workers=4) as server:
+        # the spool of a benchmark is thrown away with its server, not left for `sync`
+        os.environ.setdefault("ASYNCTRACK_SPOOL_DIR", str(Path(tmp) / "spool"))
         mlflow.set_tracking_uri(server.url)
         mlflow.set_experiment("bench-mlflow-patch")
         assert server.pid is not None

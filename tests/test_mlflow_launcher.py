@@ -57,3 +57,21 @@ def test_env_switch_alone_patches_on_import(mlflow_tracking_uri: str) -> None:
 def test_hook_names_match_the_patch() -> None:
     assert asynctrack_mlflow_hook.FLUENT_NAMES == fluent.NAMES
     assert asynctrack_mlflow_hook.CLIENT_NAMES == client.NAMES
+
+
+def test_run_left_open_is_ended_at_exit_after_its_events(
+    client: mlflow.MlflowClient, experiment_name: str
+) -> None:
+    code = (
+        "import sys, mlflow, asynctrack\n"
+        "asynctrack.patch_mlflow()\n"
+        f"mlflow.set_experiment({experiment_name!r})\n"
+        "run = mlflow.start_run()\n"
+        "for i in range(500):\n"
+        "    mlflow.log_metric('m', float(i), step=i)\n"
+        "print('run', run.info.run_id)\n"
+    )
+    done = _run([sys.executable, "-c", code], dict(os.environ))
+    run_id = next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("run "))
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(client.get_metric_history(run_id, "m")) == 500

@@ -9,6 +9,7 @@ the MLflow function they replace, unchanged.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import mlflow.tracking.fluent as _fluent
@@ -31,6 +32,8 @@ NAMES = (
 )
 ORIGINALS: dict[str, Any] = {name: routing.real(getattr(_fluent, name)) for name in NAMES}
 
+logger = logging.getLogger("asynctrack")
+_FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 _active = private.active_entity
 _model_id = private.active_model_id
 _sink_of = routing.sink_of_run
@@ -132,7 +135,7 @@ def delete_tag(key: str) -> None:
     ORIGINALS["delete_tag"](key)
 
 
-def end_run(status: str = RunStatus.to_string(RunStatus.FINISHED)) -> None:
+def end_run(status: str = _FINISHED) -> None:
     """MLflow's ``end_run``, with the run's end queued behind its events (a barrier)."""
     entity = _active()
     if entity is None:
@@ -146,7 +149,13 @@ def end_run(status: str = RunStatus.to_string(RunStatus.FINISHED)) -> None:
     private.pop_active_run()
     private.set_last_active_run_id(run_id)
     try:
-        s.end(status)
+        if status == _FINISHED:
+            s.end(status)
+        else:  # leaving a failing block: report delivery problems without masking its error
+            try:
+                s.end(status)
+            except Exception as exc:
+                logger.warning("asynctrack: while ending run %s: %s", run_id, exc)
         routing.print_run_url(s)
     finally:
         monitor = private.pop_system_metrics_monitor(run_id)

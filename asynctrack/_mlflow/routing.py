@@ -7,6 +7,7 @@ cannot serve is cached as ``None``: those calls keep MLflow's path, with one not
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from typing import Any
@@ -95,4 +96,5 @@ def after(s: sink.RunSink, synchronous: bool | None, value: Any) -> Any:
 def print_run_url(s: sink.RunSink) -> None:
     """MLflow prints a link to the run when it ends (REST servers); so do we."""
     if s.tracking_uri.startswith(("http://", "https://")):
-        private.print_run_url(mlflow.MlflowClient(s.tracking_uri), s.run_id)
+        with contextlib.suppress(Exception):  # a link is not worth failing the run's end
+            private.print_run_url(mlflow.MlflowClient(s.tracking_uri), s.run_id)

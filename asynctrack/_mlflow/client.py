@@ -80,11 +80,12 @@ def log_batch(
 ) -> Any:
     s = _sink(self, run_id)
     if s is not None and _model_id() is None:
-        rows = []
+        rows: list[tuple[str, Any, int | None, int]] = []
+        append = rows.append
         for m in metrics:
             if m.model_id is not None or m.dataset_name is not None:
                 break  # tied to a model or a dataset: MLflow's path links them
-            rows.append((m.key, m.value, m.timestamp, m.step))
+            append((m.key, m.value, m.timestamp, m.step))
         else:
             if not rows and not params and not tags:
                 return None

@@ -80,7 +80,12 @@ class RunSink:
         if type(step) is not int or not _INT64_MIN <= step <= _INT64_MAX:
             step = check_step(key, step)
         # The engine takes time.time() seconds for "now", or the caller's integer ms.
-        when = time.time() if timestamp_ms is None else check_timestamp(key, timestamp_ms)
+        if timestamp_ms is None:
+            when: float | int = time.time()
+        elif type(timestamp_ms) is int and 0 <= timestamp_ms <= _INT64_MAX:
+            when = timestamp_ms
+        else:
+            when = check_timestamp(key, timestamp_ms)
         self._put((self.run_id, key, value, when, step))
 
     def batch(
@@ -95,6 +100,7 @@ class RunSink:
         now = time.time()
         run_id = self.run_id
         events: list[Any] = []
+        append = events.append
         for key, value, timestamp_ms, step in rows:
             if key not in _valid_keys:
                 _check_key(key, "metric")
@@ -102,8 +108,13 @@ class RunSink:
                 value = _value(key, value)
             if type(step) is not int or not _INT64_MIN <= step <= _INT64_MAX:
                 step = check_step(key, step)
-            when = now if timestamp_ms is None else check_timestamp(key, timestamp_ms)
-            events.append((run_id, key, value, when, step))
+            if timestamp_ms is None:
+                when: float | int = now
+            elif type(timestamp_ms) is int and 0 <= timestamp_ms <= _INT64_MAX:
+                when = timestamp_ms
+            else:
+                when = check_timestamp(key, timestamp_ms)
+            append((run_id, key, value, when, step))
         if params:
             _check_unique(params)
             events += [e for e in (self._param(k, v) for k, v in params) if e is not None]

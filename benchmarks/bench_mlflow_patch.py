@@ -168,6 +168,11 @@ def bench_lightning(results: dict[str, float]) -> None:
     uri = mlflow.get_tracking_uri()
     fit(False)  # warm up
     results["lightning steps/s, no logger"] = fit(False)
+    # Lightning's own work for a logger that logs every step (moving and reducing the
+    # logged values), with a logger that only appends to a local CSV file:
+    csv_logger = importlib.import_module("lightning.pytorch.loggers").CSVLogger
+    with tempfile.TemporaryDirectory() as csv_dir:
+        results["lightning steps/s, CSVLogger (local file, reference)"] = fit(csv_logger(csv_dir))
     results["lightning steps/s, MLFlowLogger"] = fit(
         MLFlowLogger("bench-lightning", tracking_uri=uri)
     )

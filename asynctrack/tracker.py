@@ -8,7 +8,6 @@ worker thread, so the event loop never waits on them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 import time
@@ -35,7 +34,7 @@ from asynctrack._engine.events import (
     check_value,
 )
 from asynctrack._engine.stats import Stats
-from asynctrack._runs import FixedRun, Run, RunSource
+from asynctrack._runs import FixedRun, Run, RunSource, TrackerRuns
 from asynctrack.errors import NoActiveRunError, ParamConflictError
 
 __all__ = ["MLflowExperimentTracker", "NestedRunTracker"]
@@ -161,19 +160,14 @@ class MLflowExperimentTracker(_RunMethods):
         self._run_name = run_name
         self._tags = dict(tags or {})
         # Per tracker and per context: two tasks sharing a tracker log to their own runs.
-        self._run_var: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
-            f"asynctrack_run_{id(self)}", default=None
-        )
-        self._last_run: Run | None = None
-        # Runs of this tracker entered and not yet left, for threads that do not inherit
-        # the context (a plain threading.Thread started inside the run).
-        self._open: list[Run] = []
+        self._runs = TrackerRuns(f"asynctrack_run_{id(self)}")
+        self._run_var = self._runs.var
         self._scopes: contextvars.ContextVar[tuple[_RunScope, ...]] = contextvars.ContextVar(
             f"asynctrack_scopes_{id(self)}", default=()
         )
 
     def __repr__(self) -> str:
-        run = self._run_var.get() or self._last_run
+        run = self._runs.current()
         return (
             f"{type(self).__name__}(experiment_name={self._experiment_name!r}, "
             f"run_id={run.run_id if run else None!r})"
@@ -233,36 +227,22 @@ class MLflowExperimentTracker(_RunMethods):
         await self._pop_scope().__aexit__(exc_type, exc, tb)
 
     def _active(self) -> Run:
-        run = self._run_var.get()
-        if run is not None:
-            return run
-        open_runs = list(self._open)
-        if len(open_runs) == 1:  # e.g. a thread started inside the run's block
-            return open_runs[0]
-        if open_runs:
-            raise NoActiveRunError(
-                f"{type(self).__name__} has {len(open_runs)} runs open in other threads or "
-                "tasks; start this thread with contextvars.copy_context().run(...) to say which"
-            )
-        raise NoActiveRunError(
-            f"{type(self).__name__} has no active run here: log inside "
-            "`with tracker.start_run(...)` (or `async with`)"
-        )
+        return self._runs.active(type(self).__name__)
 
     @property
     def run_id(self) -> str | None:
         """The active run's id (after the run ended: the last run's id)."""
-        run = self._run_var.get() or self._last_run
+        run = self._runs.current()
         return run.run_id if run else None
 
     @property
     def experiment_id(self) -> str | None:
-        run = self._run_var.get() or self._last_run
+        run = self._runs.current()
         return run.experiment_id if run else None
 
     @property
     def artifact_uri(self) -> str | None:
-        run = self._run_var.get() or self._last_run
+        run = self._runs.current()
         return run.artifact_uri if run else None
 
     # ------------------------------------------------------------------ delivery
@@ -284,7 +264,7 @@ class MLflowExperimentTracker(_RunMethods):
         return self._engine().stats()
 
     def _engine(self) -> Engine:
-        run = self._run_var.get() or self._last_run
+        run = self._runs.current()
         if run is not None:
             return run.engine
         return get_engine(_runs.resolve_tracking_uri(self._tracking_uri))
@@ -352,21 +332,12 @@ class _RunScope:
 
     def _activate(self, run: Run) -> MLflowExperimentTracker:
         self._run = run
-        self._tracker._last_run = run
-        self._tracker._open.append(run)
-        _runs.open_runs[run.run_id] = run
-        self._tokens = (self._tracker._run_var.set(run), _runs.current_run.set(run))
-        _runs.push_fluent(run)
+        self._tokens = self._tracker._runs.enter(run)
         return self._tracker
 
     def deactivate(self, exc_type: type[BaseException] | None) -> str:
         """Leave the run's context (it stays open on the server); return its final status."""
-        run_token, current_token = self._tokens
-        with contextlib.suppress(ValueError):
-            self._tracker._open.remove(self.run)
-        self._tracker._run_var.reset(run_token)
-        _runs.current_run.reset(current_token)
-        _runs.pop_fluent(self.run)
+        self._tracker._runs.leave(self.run, self._tokens)
         return self.status_of(exc_type)
 
     @staticmethod

@@ -19,12 +19,48 @@ from asynctrack import MLflowExperimentTracker
 if TYPE_CHECKING:
     from asynctrack.testing import MlflowServer
 
-pytest_plugins = ["asynctrack.testing"]
+pytest_plugins = ["asynctrack.pytest_plugin"]
+
+
+# Tests that take tens of seconds each (a demo, crashes and restarts, docker compose, large
+# uploads): `pytest -m "not slow"` leaves them out. Marked here by file or by test, so the
+# files themselves need not change; a test can also carry @pytest.mark.slow itself.
+# Measured with --durations on a loaded 2-core machine: the artifact files start two more
+# MLflow servers and an IAM-checking S3 server (about a minute before their first test).
+SLOW_FILES = {
+    "test_artifacts.py",
+    "test_compose.py",
+    "test_demo.py",
+    "test_faults_crash.py",
+    "test_faults_server.py",
+    "test_lifecycle.py",
+    "test_models.py",
+    "test_testing_cleanup.py",
+}
+SLOW_TESTS = {
+    "test_async.py::test_heartbeat_keeps_ticking_while_a_large_flush_is_awaited",
+    "test_cli.py::test_as_a_subprocess",
+    "test_delivery.py::test_flush_timeout_with_server_down_then_everything_arrives",
+    "test_examples.py::test_full_pipeline",
+    "test_examples.py::test_grid_search",
+    "test_testing_servers.py::test_mlflow_server_logs_survive_restart",
+    "test_tracker.py::test_100k_log_metric_calls_all_stored_in_order",
+    "test_tracker.py::test_eight_plain_threads_log_to_one_run",
+    "test_tracker.py::test_eight_threads_log_to_one_run_with_copied_context",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Every engine the tests start spools into this session's directory, not the user's.
-    os.environ.setdefault("ASYNCTRACK_SPOOL_DIR", tempfile.mkdtemp(prefix="asynctrack-spool-"))
+    # Every engine the tests start spools into this session's directory, never the user's
+    # (an ASYNCTRACK_SPOOL_DIR in the environment is overridden, not kept).
+    os.environ["ASYNCTRACK_SPOOL_DIR"] = tempfile.mkdtemp(prefix="asynctrack-spool-")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.name.split("[")[0]
+        if item.path.name in SLOW_FILES or f"{item.path.name}::{name}" in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
 
 
 class Data(NamedTuple):

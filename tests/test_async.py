@@ -37,7 +37,7 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, floa
 # ---------------------------------------------------------------------- async with
 
 
-async def test_async_with_start_run(client: MlflowClient, tracker: MLflowExperimentTracker):
+async def test_async_with_start_run(client: MlflowClient, tracker: MLflowExperimentTracker) -> None:
     async with tracker.start_run(run_name="async-run", tags={"mode": "async"}) as t:
         assert t is tracker
         run_id = tracker.run_id
@@ -67,7 +67,7 @@ async def test_async_with_start_run(client: MlflowClient, tracker: MLflowExperim
     assert history(client, run_id, "f1") == [(7, 0.25)]
 
 
-async def test_async_with_experiment_tracker(client: MlflowClient, experiment_name: str):
+async def test_async_with_experiment_tracker(client: MlflowClient, experiment_name: str) -> None:
     async with MLflowExperimentTracker(
         experiment_name=experiment_name, run_name="ctx", tags={"a": "b"}
     ) as t:
@@ -87,7 +87,7 @@ async def test_async_with_experiment_tracker(client: MlflowClient, experiment_na
     assert run.data.metrics == {"m": 3.5}
 
 
-async def test_async_with_nested_run_tracker(client: MlflowClient, experiment_name: str):
+async def test_async_with_nested_run_tracker(client: MlflowClient, experiment_name: str) -> None:
     scores = [0.5, 0.625, 0.75]
     child_ids: list[str] = []
     async with MLflowExperimentTracker(experiment_name=experiment_name) as parent:
@@ -118,7 +118,7 @@ async def test_async_with_nested_run_tracker(client: MlflowClient, experiment_na
         assert child_run.data.metrics == {"fold_score": score}
 
 
-async def test_async_nested_run_tracker_needs_a_parent(client: MlflowClient):
+async def test_async_nested_run_tracker_needs_a_parent(client: MlflowClient) -> None:
     with pytest.raises(NoActiveRunError):
         async with NestedRunTracker(run_name="orphan"):
             pass
@@ -129,7 +129,7 @@ async def test_async_nested_run_tracker_needs_a_parent(client: MlflowClient):
 
 async def test_tracker_aflush_stores_everything_while_the_run_is_open(
     client: MlflowClient, tracker: MLflowExperimentTracker
-):
+) -> None:
     async with tracker.start_run(run_name="aflush") as t:
         for step in range(2500):
             t.log_metric("x", float(step), step=step)
@@ -143,7 +143,7 @@ async def test_tracker_aflush_stores_everything_while_the_run_is_open(
         assert history(client, run.info.run_id, "x") == [(s, float(s)) for s in range(2500)]
 
 
-async def test_module_aflush(client: MlflowClient, tracker: MLflowExperimentTracker):
+async def test_module_aflush(client: MlflowClient, tracker: MLflowExperimentTracker) -> None:
     async with tracker.start_run(run_name="module-aflush") as t:
         t.log_metrics({f"m{i}": float(i) for i in range(50)}, step=1)
         t.set_tag("last", "yes")
@@ -160,9 +160,9 @@ async def test_module_aflush(client: MlflowClient, tracker: MLflowExperimentTrac
 
 async def test_concurrent_tasks_share_one_tracker(
     client: MlflowClient, tracker: MLflowExperimentTracker
-):
+) -> None:
     steps, tasks = 200, 4
-    all_open = asyncio.Barrier(tasks)
+    all_open = asyncio.Barrier(tasks)  # type: ignore[attr-defined]
 
     async def worker(i: int) -> tuple[str, str]:
         async with tracker.start_run(run_name=f"task-{i}", tags={"task": i}) as t:
@@ -203,8 +203,8 @@ async def test_concurrent_tasks_share_one_tracker(
 
 async def test_concurrent_decorated_coroutines_log_to_their_own_runs(
     client: MlflowClient, experiment_name: str
-):
-    all_open = asyncio.Barrier(5)
+) -> None:
+    all_open = asyncio.Barrier(5)  # type: ignore[attr-defined]
 
     @log_metrics_decorator(["score"])
     @log_params_decorator
@@ -232,10 +232,10 @@ async def test_concurrent_decorated_coroutines_log_to_their_own_runs(
 
 async def test_concurrent_tasks_fluent_calls_land_in_their_own_runs(
     client: MlflowClient, experiment_name: str
-):
+) -> None:
     """The seed's combination pattern (fluent mlflow.log_metric inside @mlflow_run), async."""
 
-    both_active = asyncio.Barrier(2)
+    both_active = asyncio.Barrier(2)  # type: ignore[attr-defined]
 
     @mlflow_run(experiment_name)
     async def trial(i: int) -> str:
@@ -245,7 +245,7 @@ async def test_concurrent_tasks_fluent_calls_land_in_their_own_runs(
         for step in range(3):
             mlflow.log_metric("fluent", float(i), step=step)
             await asyncio.sleep(0)
-        return active.info.run_id
+        return active.info.run_id  # type: ignore[no-any-return]
 
     first, second = await asyncio.gather(trial(1), trial(2))
     assert history(client, first, "fluent") == [(s, 1.0) for s in range(3)]
@@ -257,7 +257,7 @@ async def test_concurrent_tasks_fluent_calls_land_in_their_own_runs(
 
 async def test_heartbeat_keeps_ticking_while_a_large_flush_is_awaited(
     client: MlflowClient, tracker: MLflowExperimentTracker
-):
+) -> None:
     count = 50_000  # logged, then awaited with aflush()
     at_end = 10_000  # logged, then stored by the run's end (async with exit)
     ticks = 0
@@ -304,7 +304,7 @@ async def test_heartbeat_keeps_ticking_while_a_large_flush_is_awaited(
 
 async def test_exception_inside_async_with_fails_the_run(
     client: MlflowClient, tracker: MLflowExperimentTracker, experiment_name: str
-):
+) -> None:
     error = Boom("async failure")
     with pytest.raises(Boom) as caught:
         async with tracker.start_run(run_name="fails") as t:
@@ -343,7 +343,9 @@ async def test_exception_inside_async_with_fails_the_run(
     assert mlflow.active_run() is None
 
 
-async def test_cancelled_task_ends_its_run(client: MlflowClient, tracker: MLflowExperimentTracker):
+async def test_cancelled_task_ends_its_run(
+    client: MlflowClient, tracker: MLflowExperimentTracker
+) -> None:
     inside = asyncio.Event()
     run_ids: list[str] = []
 
@@ -367,7 +369,7 @@ async def test_cancelled_task_ends_its_run(client: MlflowClient, tracker: MLflow
 
 async def test_anyio_cancel_scope_ends_its_run(
     client: MlflowClient, tracker: MLflowExperimentTracker
-):
+) -> None:
     """anyio cancellation is level-triggered: run end must still reach the server."""
     run_ids: list[str] = []
     with anyio.CancelScope() as scope:
@@ -383,7 +385,9 @@ async def test_anyio_cancel_scope_ends_its_run(
     assert run.data.metrics == {"progress": 0.25}
 
 
-async def test_anyio_cancel_scope_ends_a_decorated_run(client: MlflowClient, experiment_name: str):
+async def test_anyio_cancel_scope_ends_a_decorated_run(
+    client: MlflowClient, experiment_name: str
+) -> None:
     run_ids: list[str] = []
     started = anyio.Event()
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,13 +67,19 @@ def test_runs_compare_table_csv_json(experiment_name: str, runs: dict[str, str])
     table = invoke("runs", "compare", experiment_name).stdout
     lines = table.splitlines()
     header = lines[0].split()
-    for column in ("run_id", "run_name", "status", "metric_r2_score", "param_max_depth"):
+    for column in ("run_id", "run_name", "status", "metric_r2_score"):
         assert column in header
+    assert not [c for c in header if c.startswith("param_")]  # params only on request
     assert [line.split()[1] for line in lines[1:]] == ["beta", "curve", "alpha"]
+    assert [line.split()[0] for line in lines[1:]] == [
+        runs[n][:8] for n in ("beta", "curve", "alpha")
+    ]  # short ids in a table
 
     rows = list(
         csv.DictReader(
-            io.StringIO(invoke("runs", "compare", experiment_name, "--format", "csv").stdout)
+            io.StringIO(
+                invoke("runs", "compare", experiment_name, "--params", "--format", "csv").stdout
+            )
         )
     )
     assert [r["run_name"] for r in rows] == ["beta", "curve", "alpha"]
@@ -181,10 +188,13 @@ def test_models_list(client: MlflowClient, experiment_name: str) -> None:
     assert list(rows[0]) == ["name", "latest_version", "latest_stage", "aliases"]
     row = next(r for r in rows if r["name"] == name)
     assert row["latest_version"] == "1" and row["latest_stage"] == "Production"
+    assert row["aliases"] == "production=1"
 
     table = invoke("models", "list").stdout
     assert table.splitlines()[0].split() == ["name", "latest_version", "latest_stage", "aliases"]
-    assert any(line.split()[:3] == [name, "1", "Production"] for line in table.splitlines())
+    assert any(
+        line.split() == [name, "1", "Production", "production=1"] for line in table.splitlines()
+    )
 
 
 def test_plot_across_runs_and_along_steps(
@@ -336,7 +346,153 @@ def test_plot_shows_one_bar_per_run_even_when_names_repeat(
     assert out.read_bytes().startswith(PNG_MAGIC)
     (ax,) = figures[0].axes
     bars = ax.patches
-    assert sorted(b.get_width() for b in bars) == sorted(values)
-    assert len({b.get_y() for b in bars}) == 3  # three rows, none drawn over another
+    assert sorted(b.get_width() for b in bars) == sorted(values)  # type: ignore[attr-defined]
+    # three rows, none drawn over another
+    assert len({b.get_y() for b in bars}) == 3  # type: ignore[attr-defined]
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert len(set(labels)) == 3 and all(lbl.startswith("rf-optimized") for lbl in labels)
+
+
+def test_compare_asked_metrics_fit_a_terminal(
+    experiment_name: str, runs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    out = invoke("runs", "compare", experiment_name, "--metric", "r2_score", "--metric", "rmse")
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == [
+        "run_id", "run_name", "status", "start_time", "metric_r2_score", "metric_rmse"
+    ]  # fmt: skip
+    assert max(len(line) for line in lines) <= 80
+    assert lines[1].split()[-2:] == ["0.8", "2"]
+
+    wide = invoke("runs", "compare", experiment_name, "--params").stdout
+    assert "param_max_depth" in wide
+    assert max(len(line) for line in wide.splitlines()) <= 80  # wrapped, not cut
+
+
+# ------------------------------------------------------------- where the data is, fail fast
+
+
+@pytest.fixture
+def no_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No MLFLOW_TRACKING_URI and an empty current directory."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _fails(*args: str) -> Result:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)  # a message, not a traceback
+    assert result.output.startswith("Error:") and result.output.count("\n") == 1, result.output
+    return result
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["runs", "compare", "boston-housing"],
+        ["runs", "best", "boston-housing"],
+        ["runs", "summary", "boston-housing"],
+        ["models", "list"],
+        ["plot", "boston-housing", "--metric", "r2_score"],
+    ],
+)
+def test_no_uri_is_refused_and_creates_no_store(no_uri: Path, args: list[str]) -> None:
+    result = _fails(*args)
+    assert "MLFLOW_TRACKING_URI" in result.output and "--tracking-uri" in result.output
+    assert "asynctrack demo" in result.output
+    assert list(no_uri.iterdir()) == []  # no ./mlflow.db, no mlruns/
+
+
+def test_no_uri_points_at_the_demo_store_when_there_is_one(no_uri: Path) -> None:
+    (no_uri / "asynctrack-demo").mkdir()
+    (no_uri / "asynctrack-demo" / "mlflow.db").write_bytes(b"")
+    result = _fails("runs", "summary", "boston-housing")
+    assert "--tracking-uri asynctrack-demo" in result.output
+
+
+@pytest.mark.parametrize(
+    "uri", ["sqlite:///{tmp}/missing.db", "{tmp}/missing.db", "{tmp}/empty-dir", "{tmp}/x.txt"]
+)
+def test_a_store_that_is_not_there_is_refused(no_uri: Path, uri: str) -> None:
+    (no_uri / "empty-dir").mkdir()
+    (no_uri / "x.txt").write_text("not a database")
+    result = _fails("runs", "summary", "boston-housing", "--tracking-uri", uri.format(tmp=no_uri))
+    assert not (no_uri / "missing.db").exists()
+    assert not (no_uri / "empty-dir" / "mlflow.db").exists()
+    assert "missing.db" in result.output or "empty-dir" in result.output or "x.txt" in result.output
+
+
+def test_no_server_fails_within_seconds_naming_the_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    from asynctrack.testing import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    for args in (
+        ["runs", "summary", "boston-housing"],
+        ["models", "list"],
+        ["demo", "--store-dir", "unused"],
+        ["sync", "--tracking-uri", url],
+    ):
+        started = time.monotonic()
+        result = _fails(*args)
+        assert time.monotonic() - started < 10
+        assert f"no MLflow server at {url} (connection refused)" in result.output
+        assert "mlflow server" in result.output
+
+
+def test_credentials_stay_out_of_the_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    from asynctrack.testing import free_port
+
+    port = free_port()
+    result = _fails("--tracking-uri", f"http://alice:s3cret@127.0.0.1:{port}", "models", "list")
+    assert "s3cret" not in result.output and f"http://***@127.0.0.1:{port}" in result.output
+
+
+def test_tracking_uri_after_the_subcommand_and_paths_to_a_store(
+    experiment_name: str, runs: dict[str, str], mlflow_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for args in (
+        ["runs", "best", experiment_name, "--tracking-uri", mlflow_server.url],
+        ["runs", "--tracking-uri", mlflow_server.url, "best", experiment_name],
+        ["--tracking-uri", "http://127.0.0.1:9", "runs", "best", experiment_name,
+         "--tracking-uri", mlflow_server.url],  # the innermost wins
+    ):  # fmt: skip
+        out = invoke(*args, "--format", "json").stdout
+        assert json.loads(out)["run_id"] == runs["beta"]
+
+    # The server's own store, named by its file and by its directory.
+    db = mlflow_server.workdir / "mlflow.db"
+    for store in (str(db), str(mlflow_server.workdir), f"sqlite:///{db}"):
+        out = invoke("runs", "best", experiment_name, "--tracking-uri", store, "--format", "json")  # type: ignore[assignment]
+        assert json.loads(out.stdout)["run_id"] == runs["beta"]  # type: ignore[attr-defined]
+
+
+def test_status_of_a_missing_directory_is_an_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["status", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+    result = CliRunner().invoke(main, ["sync", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["demo"],
+        ["runs", "compare"],
+        ["runs", "best"],
+        ["runs", "summary"],
+        ["models", "list"],
+        ["plot"],
+        ["sync"],
+        ["status"],
+    ],
+)
+def test_every_subcommand_takes_tracking_uri(command: list[str]) -> None:
+    result = CliRunner().invoke(main, [*command, "--tracking-uri", "http://x:1", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--tracking-uri" in result.output

@@ -178,7 +178,7 @@ def dockerfile_of(service: str) -> Path | None:
         return None
     if isinstance(build, str):
         build = {"context": build}
-    return ROOT / build["context"] / build.get("dockerfile", "Dockerfile")
+    return ROOT / build["context"] / build.get("dockerfile", "Dockerfile")  # type: ignore[no-any-return]
 
 
 def test_mlflow_server_image_is_pinned_and_brings_the_drivers() -> None:
@@ -373,7 +373,7 @@ def test_named_volumes() -> None:
 
 
 def test_env_example_defines_every_variable() -> None:
-    used = {}
+    used = {}  # type: ignore[var-annotated]
     for text in strings(COMPOSE):
         for name, op in referenced(text):
             used[name] = used.get(name) or op

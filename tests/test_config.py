@@ -56,7 +56,7 @@ def restore_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """setup_mlflow_env() sets MLflow's global tracking URI (and the variable): undo it."""
     saved, saved_env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     yield
-    mlflow.set_tracking_uri(saved)  # type: ignore[arg-type]  # None restores "unset"
+    mlflow.set_tracking_uri(saved)  # None restores "unset"
     if saved_env is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
@@ -66,14 +66,14 @@ def restore_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 # ---------------------------------------------------------------------- seed settings
 
 
-def test_seed_defaults_when_environment_is_empty(clean_env: pytest.MonkeyPatch):
+def test_seed_defaults_when_environment_is_empty(clean_env: pytest.MonkeyPatch) -> None:
     importlib.reload(config)
     for name, default in SEED_DEFAULTS.items():
         assert getattr(config, name) == default, name
     assert asynctrack.config is config
 
 
-def test_seed_settings_read_from_environment(clean_env: pytest.MonkeyPatch):
+def test_seed_settings_read_from_environment(clean_env: pytest.MonkeyPatch) -> None:
     values = {name: f"value-of-{name.lower()}" for name in SEED_DEFAULTS}
     values["MLFLOW_TRACKING_URI"] = "http://mlflow.internal:5000"
     for name, value in values.items():
@@ -88,7 +88,7 @@ def test_setup_mlflow_env_exports_s3_and_points_mlflow_at_server(
     restore_tracking_uri: None,
     mlflow_server: MlflowServer,
     experiment_name: str,
-):
+) -> None:
     clean_env.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     clean_env.setenv("AWS_ACCESS_KEY_ID", "from-config")
     importlib.reload(config)
@@ -116,7 +116,7 @@ def test_setup_mlflow_env_exports_s3_and_points_mlflow_at_server(
 
 def test_experiment_name_default_comes_from_environment(
     client: MlflowClient, experiment_name: str, monkeypatch: pytest.MonkeyPatch
-):
+) -> None:
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment_name)
     with MLflowExperimentTracker() as tracker:
         tracker.log_param("source", "env")
@@ -131,7 +131,7 @@ def test_experiment_name_default_comes_from_environment(
 # ---------------------------------------------------------------------- engine knobs
 
 
-def test_engine_defaults(clean_env: pytest.MonkeyPatch):
+def test_engine_defaults(clean_env: pytest.MonkeyPatch) -> None:
     resolved = EngineConfig.resolve()
     assert resolved == EngineConfig()
     assert resolved.queue_capacity == config.DEFAULT_QUEUE_CAPACITY
@@ -144,7 +144,7 @@ def test_engine_defaults(clean_env: pytest.MonkeyPatch):
     assert 5 <= config.DEFAULT_EXIT_TIMEOUT <= 15  # "about 10 s"
 
 
-def test_environment_over_default(clean_env: pytest.MonkeyPatch):
+def test_environment_over_default(clean_env: pytest.MonkeyPatch) -> None:
     env = {
         "ASYNCTRACK_QUEUE_CAPACITY": "1234",
         "ASYNCTRACK_FLUSH_INTERVAL": "0.25",
@@ -169,7 +169,7 @@ def test_environment_over_default(clean_env: pytest.MonkeyPatch):
     assert type(resolved.queue_capacity) is int
 
 
-def test_keyword_over_environment(clean_env: pytest.MonkeyPatch):
+def test_keyword_over_environment(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("ASYNCTRACK_MAX_IN_FLIGHT", "2")
     clean_env.setenv("ASYNCTRACK_FULL_POLICY", "drop")
     clean_env.setenv("ASYNCTRACK_FLUSH_INTERVAL", "0.5")
@@ -179,7 +179,7 @@ def test_keyword_over_environment(clean_env: pytest.MonkeyPatch):
     assert resolved.flush_interval == 0.5  # None: fall through to the environment
 
 
-def test_blank_environment_variable_means_default(clean_env: pytest.MonkeyPatch):
+def test_blank_environment_variable_means_default(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("ASYNCTRACK_QUEUE_CAPACITY", "  ")
     assert EngineConfig.resolve().queue_capacity == config.DEFAULT_QUEUE_CAPACITY
 
@@ -209,7 +209,7 @@ def test_blank_environment_variable_means_default(clean_env: pytest.MonkeyPatch)
 )
 def test_invalid_keyword_raises_config_error(
     clean_env: pytest.MonkeyPatch, setting: str, value: Any
-):
+) -> None:
     with pytest.raises(ConfigError, match=setting) as caught:
         EngineConfig.resolve(**{setting: value})
     assert isinstance(caught.value, ValueError)
@@ -221,7 +221,7 @@ def test_invalid_keyword_raises_config_error(
         asynctrack.configure(**{setting: value})
 
 
-def test_unknown_setting_raises_config_error(clean_env: pytest.MonkeyPatch):
+def test_unknown_setting_raises_config_error(clean_env: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="queue_size"):
         EngineConfig.resolve(queue_size=10)
     with pytest.raises(ValueError, match="flush_every"):
@@ -244,7 +244,7 @@ def test_unknown_setting_raises_config_error(clean_env: pytest.MonkeyPatch):
 )
 def test_invalid_environment_raises_config_error(
     clean_env: pytest.MonkeyPatch, variable: str, raw: str
-):
+) -> None:
     clean_env.setenv(variable, raw)
     setting = variable.removeprefix("ASYNCTRACK_").lower()
     with pytest.raises(ConfigError, match=f"(?i){setting}") as caught:
@@ -255,7 +255,7 @@ def test_invalid_environment_raises_config_error(
     assert getattr(EngineConfig.resolve(**good), setting) == good[setting]
 
 
-def test_config_is_immutable(clean_env: pytest.MonkeyPatch):
+def test_config_is_immutable(clean_env: pytest.MonkeyPatch) -> None:
     resolved = EngineConfig.resolve()
     with pytest.raises(AttributeError):
         resolved.queue_capacity = 5  # type: ignore[misc]
@@ -270,7 +270,7 @@ def test_secret_never_shown(
     experiment_name: str,
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
-):
+) -> None:
     secret = f"s3cr3t-{uuid.uuid4().hex}"
     clean_env.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
     clean_env.setenv("AWS_SECRET_ACCESS_KEY", secret)

@@ -50,7 +50,9 @@ class Boom(Exception):
 # ---------------------------------------------------------------------- mlflow_run
 
 
-def test_mlflow_run_names_tags_times_and_returns(client: MlflowClient, experiment_name: str):
+def test_mlflow_run_names_tags_times_and_returns(
+    client: MlflowClient, experiment_name: str
+) -> None:
     sentinel = object()
     seen: list[str] = []
 
@@ -78,7 +80,7 @@ def test_mlflow_run_names_tags_times_and_returns(client: MlflowClient, experimen
 
 def test_mlflow_run_exception_escapes_unchanged_and_run_fails(
     client: MlflowClient, experiment_name: str
-):
+) -> None:
     error = Boom("diverged")
 
     @mlflow_run(experiment_name, run_name="will-fail")
@@ -97,7 +99,9 @@ def test_mlflow_run_exception_escapes_unchanged_and_run_fails(
     assert mlflow.active_run() is None
 
 
-def test_mlflow_run_keyboard_interrupt_kills_run(client: MlflowClient, experiment_name: str):
+def test_mlflow_run_keyboard_interrupt_kills_run(
+    client: MlflowClient, experiment_name: str
+) -> None:
     @mlflow_run(experiment_name)
     def train() -> None:
         raise KeyboardInterrupt
@@ -107,7 +111,7 @@ def test_mlflow_run_keyboard_interrupt_kills_run(client: MlflowClient, experimen
     assert only_run(client, experiment_name).info.status == "KILLED"
 
 
-async def test_mlflow_run_async(client: MlflowClient, experiment_name: str):
+async def test_mlflow_run_async(client: MlflowClient, experiment_name: str) -> None:
     @mlflow_run(experiment_name, run_name="async-run", tags={"kind": "coroutine"})
     async def train(x: int) -> int:
         return x * 2
@@ -130,7 +134,7 @@ async def test_mlflow_run_async(client: MlflowClient, experiment_name: str):
 
 def test_mlflow_run_inside_tracker_run_is_a_child(
     client: MlflowClient, tracker: MLflowExperimentTracker, experiment_name: str
-):
+) -> None:
     @mlflow_run(experiment_name, run_name="step")
     def step(i: int) -> int:
         mlflow.log_metric("i", i)
@@ -171,7 +175,7 @@ def test_mlflow_run_inside_tracker_run_is_a_child(
 
 def test_log_params_decorator_binds_args_defaults_and_kwargs_scalars(
     client: MlflowClient, tracker: MLflowExperimentTracker
-):
+) -> None:
     class Model:
         pass
 
@@ -219,7 +223,9 @@ def test_log_params_decorator_binds_args_defaults_and_kwargs_scalars(
     }
 
 
-async def test_log_params_decorator_async(client: MlflowClient, tracker: MLflowExperimentTracker):
+async def test_log_params_decorator_async(
+    client: MlflowClient, tracker: MLflowExperimentTracker
+) -> None:
     @log_params_decorator
     async def fit(alpha: float, l1_ratio: float = 0.5, *, tol: float = 1e-4) -> float:
         return alpha + l1_ratio
@@ -239,7 +245,7 @@ async def test_log_params_decorator_async(client: MlflowClient, tracker: MLflowE
 
 def test_log_metrics_decorator_seed_evaluate(
     client: MlflowClient, tracker: MLflowExperimentTracker, data: Data
-):
+) -> None:
     model = RandomForestRegressor(n_estimators=10, random_state=0).fit(data.X_train, data.y_train)
 
     @log_metrics_decorator(["r2_score", "rmse", "mae"])
@@ -263,7 +269,7 @@ def test_log_metrics_decorator_seed_evaluate(
 
 def test_log_metrics_decorator_missing_key_warns(
     client: MlflowClient, tracker: MLflowExperimentTracker
-):
+) -> None:
     @log_metrics_decorator(["accuracy", "f1_macro"])
     def evaluate() -> dict[str, float]:
         return {"accuracy": 0.875}
@@ -277,7 +283,7 @@ def test_log_metrics_decorator_missing_key_warns(
 
 def test_log_metrics_decorator_non_dict_raises_type_error(
     client: MlflowClient, tracker: MLflowExperimentTracker
-):
+) -> None:
     calls: list[int] = []
 
     @log_metrics_decorator(["r2_score"])
@@ -300,7 +306,7 @@ def test_log_metrics_decorator_non_dict_raises_type_error(
 
 def test_log_metrics_decorator_type_error_fails_the_decorated_run(
     client: MlflowClient, experiment_name: str
-):
+) -> None:
     @mlflow_run(experiment_name)
     @log_metrics_decorator(["r2_score"])
     def evaluate() -> Any:
@@ -311,7 +317,9 @@ def test_log_metrics_decorator_type_error_fails_the_decorated_run(
     assert only_run(client, experiment_name).info.status == "FAILED"
 
 
-async def test_log_metrics_decorator_async(client: MlflowClient, tracker: MLflowExperimentTracker):
+async def test_log_metrics_decorator_async(
+    client: MlflowClient, tracker: MLflowExperimentTracker
+) -> None:
     @log_metrics_decorator(["loss"])
     async def evaluate() -> dict[str, float]:
         return {"loss": 0.125, "other": 3.0}
@@ -333,7 +341,7 @@ async def test_log_metrics_decorator_async(client: MlflowClient, tracker: MLflow
 
 def test_timed_execution_logs_named_duration(
     client: MlflowClient, tracker: MLflowExperimentTracker
-):
+) -> None:
     @timed_execution
     def expensive_computation(n: int) -> int:
         return sum(range(n))
@@ -346,7 +354,9 @@ def test_timed_execution_logs_named_duration(
     assert metrics["expensive_computation_duration_seconds"] > 0
 
 
-async def test_timed_execution_async(client: MlflowClient, tracker: MLflowExperimentTracker):
+async def test_timed_execution_async(
+    client: MlflowClient, tracker: MLflowExperimentTracker
+) -> None:
     @timed_execution
     async def fetch_batch() -> str:
         return "batch"
@@ -380,7 +390,7 @@ DECORATORS: dict[str, Callable[[Any], Any]] = {
 
 @pytest.mark.parametrize("target", [_sync_target, _async_target], ids=["sync", "async"])
 @pytest.mark.parametrize("name", list(DECORATORS))
-def test_decorators_keep_signature_and_metadata(name: str, target: Callable[..., Any]):
+def test_decorators_keep_signature_and_metadata(name: str, target: Callable[..., Any]) -> None:
     wrapped = DECORATORS[name](target)
     assert wrapped is not target
     assert inspect.signature(wrapped) == inspect.signature(target)
@@ -397,7 +407,7 @@ def test_decorators_keep_signature_and_metadata(name: str, target: Callable[...,
 @pytest.mark.parametrize(
     "name", ["log_params_decorator", "log_metrics_decorator", "timed_execution"]
 )
-async def test_logging_decorator_without_run_raises(client: MlflowClient, name: str):
+async def test_logging_decorator_without_run_raises(client: MlflowClient, name: str) -> None:
     decorator = DECORATORS[name]
 
     @decorator
@@ -419,7 +429,7 @@ async def test_logging_decorator_without_run_raises(client: MlflowClient, name: 
 # ---------------------------------------------------------------------- composition
 
 
-def test_seed_combination_example(client: MlflowClient, experiment_name: str, data: Data):
+def test_seed_combination_example(client: MlflowClient, experiment_name: str, data: Data) -> None:
     """The seed's "Комбинирование декораторов": fluent mlflow.log_metrics lands in the run."""
     X_train, X_test, y_train, y_test = data
 
@@ -476,7 +486,7 @@ def _outside_in(experiment_name: str, data: Data) -> Callable[..., dict[str, flo
 
 def test_composition_with_mlflow_run_innermost(
     client: MlflowClient, experiment_name: str, data: Data
-):
+) -> None:
     train_and_evaluate = _outside_in(experiment_name, data)
     result = train_and_evaluate(n_estimators=8)
 
@@ -500,7 +510,7 @@ def test_composition_with_mlflow_run_innermost(
 
 async def test_composition_with_mlflow_run_innermost_async(
     client: MlflowClient, experiment_name: str
-):
+) -> None:
     @log_metrics_decorator(["score"])
     @timed_execution
     @log_params_decorator
@@ -531,7 +541,7 @@ async def test_composition_with_mlflow_run_innermost_async(
 
 def test_composition_outside_in_exception_fails_the_one_run(
     client: MlflowClient, experiment_name: str
-):
+) -> None:
     error = Boom("outer order")
 
     @timed_execution
@@ -550,7 +560,7 @@ def test_composition_outside_in_exception_fails_the_one_run(
 
 def test_composition_outside_in_inside_parent_logs_to_child(
     client: MlflowClient, tracker: MLflowExperimentTracker, experiment_name: str
-):
+) -> None:
     """Grid search written with decorators: each call is a child run holding its own params."""
 
     @log_metrics_decorator(["score"])

@@ -51,7 +51,7 @@ def test_bad_metric_value_raises_mlflow_error_and_loses_nothing(
     with tracker.start_run():
         tracker.log_metric("good", 1.0, step=0)
         with pytest.raises(MlflowException, match=r"metric 'bad'") as info:
-            tracker.log_metric("bad", value)  # type: ignore[arg-type]
+            tracker.log_metric("bad", value)
         assert info.value.error_code == "INVALID_PARAMETER_VALUE"
         # log_metrics names the bad entry and still logs the good ones.
         with pytest.raises(ValueError, match="'bad2'"):
@@ -73,10 +73,10 @@ def test_bad_step_raises_at_the_call(
     with tracker.start_run():
         # a TypeError for a type, an out-of-range error for int64 overflow: both ValueErrors
         with pytest.raises(ValueError, match="step"):
-            tracker.log_metric("m", 1.0, step=step)  # type: ignore[arg-type]
+            tracker.log_metric("m", 1.0, step=step)
         with pytest.raises(ValueError, match="step"):
-            tracker.log_metrics({"m": 1.0}, step=step)  # type: ignore[arg-type]
-        tracker.log_metric("m", 2.0, step=np.int64(5))  # type: ignore[arg-type]
+            tracker.log_metrics({"m": 1.0}, step=step)
+        tracker.log_metric("m", 2.0, step=np.int64(5))
         run_id = tracker.run_id
     assert history(client, run_id, "m") == [(5, 2.0)]
 
@@ -85,10 +85,10 @@ def test_numeric_types_nan_and_infinity_are_stored(
     client: mlflow.MlflowClient, tracker: MLflowExperimentTracker
 ) -> None:
     with tracker.start_run():
-        tracker.log_metric("np_float32", np.float32(0.5))  # type: ignore[arg-type]
+        tracker.log_metric("np_float32", np.float32(0.5))
         tracker.log_metric("np_float64", np.float64(0.25))
-        tracker.log_metric("np_int64", np.int64(7))  # type: ignore[arg-type]
-        tracker.log_metric("fraction", Fraction(1, 4))  # type: ignore[arg-type]
+        tracker.log_metric("np_int64", np.int64(7))
+        tracker.log_metric("fraction", Fraction(1, 4))
         tracker.log_metric("big_int", 2**40)
         tracker.log_metric("nan", float("nan"))
         tracker.log_metric("pos_inf", math.inf)
@@ -132,11 +132,11 @@ def test_bad_key_raises_value_error_and_loses_nothing(
     with tracker.start_run():
         tracker.log_metric("good", 1.0)
         with pytest.raises(ValueError, match="metric key"):
-            tracker.log_metric(key, 1.0)  # type: ignore[arg-type]
+            tracker.log_metric(key, 1.0)
         with pytest.raises(ValueError, match="param key"):
-            tracker.log_param(key, 1)  # type: ignore[arg-type]
+            tracker.log_param(key, 1)
         with pytest.raises(ValueError, match="tag key"):
-            tracker.set_tag(key, "x")  # type: ignore[arg-type]
+            tracker.set_tag(key, "x")
         if isinstance(key, list):  # cannot be a dict key: the mapping calls cannot see it
             tracker.log_metrics({"good2": 2.0})
             tracker.log_params({"p": 2})
@@ -165,7 +165,7 @@ def test_key_error_messages_name_the_key(tracker: MLflowExperimentTracker) -> No
         with pytest.raises(ValueError, match="251 characters; the limit is 250"):
             tracker.log_param("k" * 251, 1)
         with pytest.raises(ValueError, match="must be a string, got int"):
-            tracker.set_tag(5, "x")  # type: ignore[arg-type]
+            tracker.set_tag(5, "x")
 
 
 def test_longest_allowed_key_and_odd_valid_keys_are_stored(

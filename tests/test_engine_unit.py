@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -390,7 +391,7 @@ def make_engine() -> Iterator[Any]:
     def make(**settings: Any) -> tuple[Engine, FakeTransport]:
         transport = FakeTransport()
         settings.setdefault("flush_interval", 1000.0)  # only flush() or a full queue sends
-        engine = Engine("fake://", EngineConfig.resolve(**settings), lambda u, t: transport)
+        engine = Engine("fake://", EngineConfig.resolve(**settings), lambda u, t: transport)  # type: ignore[return-value]
         engines.append(engine)
         return engine, transport
 
@@ -659,7 +660,7 @@ SECRET_URI = "http://alice:s3cret-pw@127.0.0.1:1"
 def _engine_at(uri: str, **settings: Any) -> tuple[Engine, FakeTransport]:
     transport = FakeTransport()
     settings.setdefault("flush_interval", 1000.0)
-    engine = Engine(uri, EngineConfig.resolve(**settings), lambda uri, timeout: transport)
+    engine = Engine(uri, EngineConfig.resolve(**settings), lambda uri, timeout: transport)  # type: ignore[return-value]
     return engine, transport
 
 
@@ -782,3 +783,32 @@ def test_a_backlog_over_many_segments_arrives_in_order_and_the_segments_go(
     assert transport.tags("c") == {"phase": "28000"}
     assert engine.stats().spooled == 0
     assert len(list(directory.glob("*.seg"))) <= 1  # settled segments are removed
+
+
+# ---------------------------------------------------------------------------- run end under load
+
+
+class SlowTransport(FakeTransport):
+    """A server that stores every batch, each a little later than the last."""
+
+    def log_batch(self, *args: Any) -> None:
+        time.sleep(0.15)
+        super().log_batch(*args)
+
+
+def test_a_flush_without_a_timeout_waits_while_the_server_makes_progress() -> None:
+    transport = SlowTransport()
+    transport.gate.set()
+    config = EngineConfig.resolve(flush_interval=1000.0, flush_timeout=0.5, max_in_flight=1)
+    engine = Engine("fake://", config, lambda uri, timeout: transport)  # type: ignore[return-value]
+    try:
+        for i in range(8000):  # 8 batches of 1000: about 1.2 s, more than flush_timeout
+            engine.put(metric(i))
+        engine.flush()  # the deadline counts from the last batch stored, not from the start
+        assert len(transport.metrics()) == 8000
+        for i in range(8000, 16000):
+            engine.put(metric(i))
+        with pytest.raises(FlushTimeoutError, match=r"after 0\.5 s with"):
+            engine.flush(0.5)  # a number is a fixed deadline
+    finally:
+        engine.close(10)

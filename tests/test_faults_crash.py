@@ -615,7 +615,7 @@ def _metric_rows(db: Path, run_id: str, key: str) -> tuple[int, int, int, int, f
             "FROM metrics WHERE run_uuid = ? AND key = ?",
             (run_id, key),
         ).fetchone()
-    return tuple(row)  # type: ignore[return-value]
+    return tuple(row)
 
 
 @pytest.mark.timeout(600)

@@ -279,7 +279,7 @@ def test_a_device_tensor_is_read_on_the_worker_not_the_caller(
 ) -> None:
     _DeviceTensor.reads.clear()
     with tracker.start_run():
-        tracker.log_metric("gpu_loss", _DeviceTensor(0.75), step=3)  # type: ignore[arg-type]
+        tracker.log_metric("gpu_loss", _DeviceTensor(0.75), step=3)
         assert _DeviceTensor.reads == []  # the caller never waited for the device
         run_id = tracker.run_id
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "gpu_loss")] == [(3, 0.75)]

@@ -37,7 +37,7 @@ def runs_of(client: MlflowClient, experiment_name: str, **kwargs: Any) -> list[R
     return list(client.search_runs([experiment.experiment_id], **kwargs))
 
 
-def test_tracker_section_example(client: MlflowClient, experiment_name: str, data: Data):
+def test_tracker_section_example(client: MlflowClient, experiment_name: str, data: Data) -> None:
     """Seed section "Контекстные менеджеры", MLflowExperimentTracker."""
     X_train, X_test, y_train, y_test = data
     tracker = MLflowExperimentTracker(experiment_name=experiment_name)
@@ -87,7 +87,7 @@ def test_tracker_section_example(client: MlflowClient, experiment_name: str, dat
     assert run.data.metrics == {k: float(v) for k, v in expected.items()}
 
 
-def test_nested_cv_example(client: MlflowClient, experiment_name: str, data: Data):
+def test_nested_cv_example(client: MlflowClient, experiment_name: str, data: Data) -> None:
     """Seed section "Контекстные менеджеры", NestedRunTracker: 5 folds as child runs."""
     X, y = data.X_train.to_numpy(), data.y_train.to_numpy()
     model = RandomForestRegressor(n_estimators=10, max_depth=4, random_state=0)
@@ -122,7 +122,7 @@ def test_nested_cv_example(client: MlflowClient, experiment_name: str, data: Dat
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
-def test_full_pipeline(client: MlflowClient, experiment_name: str, data: Data):
+def test_full_pipeline(client: MlflowClient, experiment_name: str, data: Data) -> None:
     """Seed "Полный пайплайн эксперимента": Вариант 1 (tracker), Вариант 2 (decorators)."""
     X_train, X_test, y_train, y_test = data
 
@@ -153,7 +153,9 @@ def test_full_pipeline(client: MlflowClient, experiment_name: str, data: Data):
 
     @mlflow_run(experiment_name=experiment_name, run_name="gb-experiment")
     @log_params_decorator
-    def run_experiment(n_estimators: int = 100, max_depth: int = 5, learning_rate: float = 0.1):
+    def run_experiment(
+        n_estimators: int = 100, max_depth: int = 5, learning_rate: float = 0.1
+    ) -> None:
         model = GradientBoostingRegressor(
             n_estimators=n_estimators,
             max_depth=max_depth,
@@ -171,7 +173,7 @@ def test_full_pipeline(client: MlflowClient, experiment_name: str, data: Data):
         )
         mlflow.log_metrics(gb_metrics)
 
-        return model
+        return model  # type: ignore[no-any-return]
 
     model = run_experiment(n_estimators=15, max_depth=8, learning_rate=0.05)  # seed: 150
     assert isinstance(model, GradientBoostingRegressor)
@@ -198,7 +200,9 @@ def test_full_pipeline(client: MlflowClient, experiment_name: str, data: Data):
     assert rf.info.status == gb.info.status == "FINISHED"
 
 
-def test_grid_search_with_nested_runs(client: MlflowClient, experiment_name: str, data: Data):
+def test_grid_search_with_nested_runs(
+    client: MlflowClient, experiment_name: str, data: Data
+) -> None:
     """Seed "Grid Search с вложенными runs" (seed: 100/200/300 trees; here 5/10/15)."""  # noqa: RUF002
     X_train, X_test, y_train, y_test = data
     param_grid = {
@@ -241,12 +245,12 @@ def test_grid_search_with_nested_runs(client: MlflowClient, experiment_name: str
     children = [r for r in runs if r.data.tags.get(PARENT) == parent_id]
     assert len(children) == 9
 
-    for child in children:
-        n_est = int(child.data.params["n_estimators"])
-        depth = int(child.data.params["max_depth"])
-        assert child.info.run_name == f"n{n_est}_d{depth}"
-        assert child.data.params == {"n_estimators": str(n_est), "max_depth": str(depth)}
-        assert child.data.metrics == {"r2_score": scores[(n_est, depth)]}
+    for child in children:  # type: ignore[assignment]
+        n_est = int(child.data.params["n_estimators"])  # type: ignore[attr-defined]
+        depth = int(child.data.params["max_depth"])  # type: ignore[attr-defined]
+        assert child.info.run_name == f"n{n_est}_d{depth}"  # type: ignore[attr-defined]
+        assert child.data.params == {"n_estimators": str(n_est), "max_depth": str(depth)}  # type: ignore[attr-defined]
+        assert child.data.metrics == {"r2_score": scores[(n_est, depth)]}  # type: ignore[attr-defined]
     assert {r.info.run_name for r in children} == {
         f"n{n}_d{d}" for n, d in product(param_grid["n_estimators"], param_grid["max_depth"])
     }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +17,7 @@ if TYPE_CHECKING:
 # Loads the fixtures the way users do (a no-op if a conftest already did). Importing
 # asynctrack.testing at the top would stop pytest from assert-rewriting it as a plugin,
 # so the tests import from it inside their bodies.
-pytest_plugins = ["asynctrack.testing"]
+pytest_plugins = ["asynctrack.pytest_plugin"]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -144,3 +146,79 @@ def test_fixtures(mlflow_tracking_uri: str, s3_server: S3Server) -> None:
     s3_server.create_bucket("fixture-bucket")
     names = [b["Name"] for b in s3_server.client().list_buckets()["Buckets"]]
     assert "fixture-bucket" in names
+
+
+@pytest.mark.timeout(300)
+def test_mlflow_server_on_postgres(tmp_path: Path) -> None:
+    import mlflow
+
+    from asynctrack.testing import MlflowPostgresServer
+
+    server = MlflowPostgresServer(tmp_path, workers=2)
+    started = time.monotonic()
+    with server:
+        print(f"postgres + mlflow server start: {time.monotonic() - started:.1f} s")
+        assert "postgresql+psycopg2://" in " ".join(server._command())
+        pg_pid = server.postgres.pid
+        assert pg_pid is not None and _pid_alive(pg_pid)
+        data = Path(server.postgres.log_path).parent
+
+        client = mlflow.MlflowClient(tracking_uri=server.url)
+        run_id = client.create_run(client.create_experiment("on-postgres")).info.run_id
+        client.log_batch(
+            run_id,
+            metrics=[mlflow.entities.Metric("loss", 1.0 / (i + 1), 0, i) for i in range(50)],
+            params=[mlflow.entities.Param("lr", "0.1")],
+        )
+        client.set_terminated(run_id)
+
+        server.restart()  # MLflow only: the database keeps what it stored
+        assert server.postgres.pid == pg_pid
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.params == {"lr": "0.1"}
+        history = client.get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(50))
+
+    assert server.pid is None and server.postgres.pid is None
+    assert not _group_alive(pg_pid)
+    assert not data.exists()
+
+
+@pytest.mark.timeout(120)
+def test_postgres_server_moves_off_a_taken_port() -> None:
+    import socket
+
+    import psycopg2  # type: ignore[import-untyped, unused-ignore]
+
+    from asynctrack.testing import PostgresServer
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = PostgresServer()
+        server._port = taken.getsockname()[1]  # as if someone took it after free_port()
+        with server:
+            assert server.port != taken.getsockname()[1]
+            assert server.uri.startswith("postgresql+psycopg2://postgres@127.0.0.1:")
+            conn = psycopg2.connect(host="127.0.0.1", port=server.port, user="postgres")
+            try:
+                with conn.cursor() as cursor:
+                    cursor.execute("SELECT current_user, current_database()")
+                    assert cursor.fetchone() == ("postgres", "postgres")
+            finally:
+                conn.close()
+        assert server.pid is None
+
+
+def test_asynctrack_testing_imports_without_pytest() -> None:
+    """The servers are for any test runner: only the fixtures need pytest."""
+    code = (
+        "import sys; sys.modules['pytest'] = None\n"  # makes `import pytest` fail
+        "import asynctrack.testing as t\n"
+        "assert t.MlflowServer and t.S3Server and not hasattr(t, 'mlflow_server')\n"
+        "print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

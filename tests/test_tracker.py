@@ -232,7 +232,7 @@ def test_seed_grid_search(client: mlflow.MlflowClient, experiment_name: str) -> 
         "best_max_depth": "10",
     }
     assert parent_run.data.metrics == {"best_r2_score": 1.0}
-    children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT}` = '{parent_id}'")
+    children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT}` = '{parent_id}'")  # type: ignore[list-item]
     assert len(children) == 9
     seen = set()
     for run in children:
@@ -517,9 +517,9 @@ def test_fluent_active_run_follows_nesting(
 ) -> None:
     with MLflowExperimentTracker(experiment_name=experiment_name) as parent:
         with NestedRunTracker(run_name="child") as child:
-            assert mlflow.active_run().info.run_id == child.run_id  # type: ignore[union-attr]
+            assert mlflow.active_run().info.run_id == child.run_id
             mlflow.log_metric("inner", 1.0)
-        assert mlflow.active_run().info.run_id == parent.run_id  # type: ignore[union-attr]
+        assert mlflow.active_run().info.run_id == parent.run_id
         mlflow.log_metric("outer", 2.0)
     assert history(client, child.run_id, "inner") == [(0, 1.0)]
     assert history(client, parent.run_id, "outer") == [(0, 2.0)]

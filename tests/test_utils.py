@@ -235,7 +235,7 @@ def test_get_experiment_summary(
     with pytest.raises(RuntimeError), tracker.start_run(run_name="broken"):
         tracker.log_metric("r2_score", 0.1)
         raise RuntimeError("training blew up")
-    assert client.get_run(tracker.run_id).info.status == "FAILED"  # type: ignore[arg-type]
+    assert client.get_run(tracker.run_id).info.status == "FAILED"
 
     summary = get_experiment_summary(experiment_name)
     assert summary["total_runs"] == 3
@@ -300,7 +300,7 @@ def test_delete_experiment_runs_dry_run_then_real(
 
         for run_id in doomed:
             assert client.get_run(run_id).info.lifecycle_stage == LifecycleStage.DELETED
-        for run_id in {*kept, running}:
+        for run_id in {*kept, running}:  # type: ignore[assignment]
             assert client.get_run(run_id).info.lifecycle_stage == LifecycleStage.ACTIVE
         assert client.get_run(running).info.status == "RUNNING"
         visible = {r.info.run_id for r in experiment_runs(client, experiment_name)}
@@ -401,7 +401,7 @@ def test_missing_experiment_metric_and_model_raise_lookup_error(
     ]
     for call in calls:
         with pytest.raises(LookupError, match=ghost):
-            call()
+            call()  # type: ignore[no-untyped-call]
 
     with pytest.raises(LookupError, match="accuracy"):
         get_best_run(experiment_name, metric="accuracy")

@@ -24,12 +24,16 @@ class _Recorder(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     seen: ClassVar[list[tuple[str, dict[str, str], bytes]]] = []
     close_after: ClassVar[set[int]] = set()  # request numbers after which the server closes
+    answer: ClassVar[tuple[int, dict[str, str]]] = (200, {})  # status and extra headers
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.seen.append((self.path, dict(self.headers), body))
         payload = b"{}"
-        self.send_response(200)
+        status, extra = self.answer
+        self.send_response(status)
+        for name, value in extra.items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -45,6 +49,7 @@ class _Recorder(BaseHTTPRequestHandler):
 def recorder() -> Iterator[str]:
     _Recorder.seen = []
     _Recorder.close_after = set()
+    _Recorder.answer = (200, {})
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -119,3 +124,44 @@ def test_per_request_setups_fall_back_to_mlflow(
     assert wire.usable(get_default_host_creds(recorder)) is usable
     transport = RestTransport(recorder, 5.0)
     assert (transport._wire is not None) is usable
+
+
+def test_post_full_reads_retry_after(recorder: str) -> None:
+    client = wire.Wire(get_default_host_creds(recorder), 5.0)
+    assert client.post_full("/x", b"{}") == (200, "{}", None)
+    _Recorder.answer = (429, {"Retry-After": "7"})
+    assert client.post_full("/x", b"{}") == (429, "{}", 7.0)
+    _Recorder.answer = (503, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})  # long past
+    assert client.post_full("/x", b"{}") == (503, "{}", 0.0)
+    assert client.post("/x", b"{}") == (503, "{}")  # post() answers as before
+
+
+_DATE = "Wed, 21 Oct 2015 07:28:00 GMT"
+_DATE_EPOCH = 1445412480.0
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (None, None),
+        ("120", 120.0),
+        (" 3 ", 3.0),
+        ("0", 0.0),
+        ("1.5", 1.5),
+        ("-1", None),
+        ("nan", None),
+        ("inf", None),
+        ("soon", None),
+        ("", None),
+        (_DATE, 30.0),  # now is 30 s before the date
+        ("Wed, 21 Oct 2015 07:28:00", 30.0),  # no zone: HTTP-dates are GMT
+        ("Wednesday, 21-Oct-15 07:28:00 GMT", 30.0),  # RFC 850, still to be accepted
+        ("Wed Oct 21 07:28:00 2015", 30.0),  # asctime, likewise
+    ],
+)
+def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
+    assert wire.parse_retry_after(value, _DATE_EPOCH - 30.0) == seconds
+
+
+def test_parse_retry_after_date_in_the_past_is_no_wait() -> None:
+    assert wire.parse_retry_after(_DATE, _DATE_EPOCH + 3600.0) == 0.0

@@ -3,9 +3,12 @@
 It takes chunks of events from a :class:`Source` (the live intake's window, or a dead
 process's spool segments) and turns them into requests:
 
-- metrics are batched per run, 1000 a call, up to ``max_in_flight`` calls at once: the
-  server stores about twice as much with calls in flight, and metrics carry their own step
-  and timestamp, so their order between requests does not matter;
+- metrics are batched per run, 1000 a call, several calls at once: the server stores about
+  twice as much with calls in flight, and metrics carry their own step and timestamp, so
+  their order between requests does not matter. ``max_in_flight`` bounds the requests
+  under way; within it, the server's :class:`~asynctrack._engine.limiter.Limiter` decides
+  how many are sent at once (fewer while the server is slow or overloaded, none until its
+  ``Retry-After`` has passed), per attempt, so a request waiting to be retried holds no slot;
 - params and tags go through one lane per run, in order (``pack_meta``), so the last
   ``set_tag`` wins; repeats folded into one request count as stored;
 - a run's end, a flush barrier and a job wait for everything before them;
@@ -27,6 +30,7 @@ from asynctrack._engine.batching import MAX_METRICS, pack_meta
 from asynctrack._engine.events import Barrier, Job, MetaEvent, Metric, now_ms
 from asynctrack._engine.jobs import JobContext
 from asynctrack._engine.ledger import Ledger
+from asynctrack._engine.limiter import Limiter, Outcome
 from asynctrack._engine.retry import GaveUp, RetryPolicy
 from asynctrack._engine.threads import DaemonPool
 from asynctrack._engine.transport import Refused, Transient, Transport
@@ -55,9 +59,10 @@ class Dispatcher:
         jobs: JobContext | None,
         max_in_flight: int,
         policy: RetryPolicy,
+        limiter: Limiter | None = None,
     ) -> None:
         self._source, self._transport, self._ledger, self._jobs = source, transport, ledger, jobs
-        self._policy = policy
+        self._policy, self._limiter = policy, limiter
         self._senders = DaemonPool(max_in_flight + 1, "asynctrack-send")
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -209,11 +214,18 @@ class Dispatcher:
 
     async def _attempt(self, count: int, call: Callable[[], Awaitable[None]]) -> Refused | None:
         async def counted() -> None:
+            token = None if self._limiter is None else await self._limiter.acquire()
+            outcome, retry_after = Outcome.OK, None  # a refusal is an answer like any other
             self._ledger.in_flight += 1
             try:
                 await call()
+            except Transient as exc:
+                outcome, retry_after = exc.outcome, exc.retry_after
+                raise
             finally:
                 self._ledger.in_flight -= 1
+                if token is not None:
+                    token.done(outcome, retry_after=retry_after)
 
         def retrying(exc: Transient) -> None:
             self._ledger.retrying(count, str(exc))

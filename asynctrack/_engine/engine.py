@@ -19,6 +19,7 @@ so callers find room while the sender is stuck, and the spool takes what memory 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import logging
@@ -36,6 +37,7 @@ from asynctrack._engine.events import Event, MetaEvent
 from asynctrack._engine.intake import Intake, report_orphans
 from asynctrack._engine.jobs import Resources
 from asynctrack._engine.ledger import Ledger
+from asynctrack._engine.limiter import limiter_for
 from asynctrack._engine.queue import EventQueue
 from asynctrack._engine.retry import RetryPolicy
 from asynctrack._engine.stats import FileCounters, Stats
@@ -149,25 +151,50 @@ class Engine:
     ) -> None:
         """Block until everything queued before the call is stored or refused.
 
-        Raises FlushTimeoutError at the deadline (``None``: the configured flush_timeout,
-        ``math.inf``: none), then, if ``report``, DeliveryError for events refused since the
-        last flush (only ``run_id``'s, when given); otherwise they wait for the next flush.
+        ``timeout=None`` waits as long as the server makes progress: FlushTimeoutError once
+        ``flush_timeout`` seconds pass with nothing stored or refused (a fleet draining for
+        65 s is not cut off at 60). A number is a fixed deadline; ``math.inf`` waits
+        forever. Then, if ``report``, DeliveryError for events refused since the last flush
+        (only ``run_id``'s, when given); otherwise they wait for the next flush.
         """
         if self.state is State.OPEN:
             barrier = self.queue.barrier()
             limit = self.config.flush_timeout if timeout is None else timeout
-            try:
-                barrier.future.result(None if math.isinf(limit) else limit)
-            except TimeoutError:
+            if not self._wait(barrier.future, limit, progressing=timeout is None):
                 pending = self.pending()
+                since = " without progress" if timeout is None else ""
                 raise FlushTimeoutError(
-                    f"flush timed out after {limit} s with {pending} event(s) not yet stored "
-                    f"at {redact(self.tracking_uri)}{self._cause()}; they stay queued",
+                    f"flush timed out after {limit} s{since} with {pending} event(s) not yet "
+                    f"stored at {redact(self.tracking_uri)}{self._cause()}; they stay queued",
                     pending,
-                ) from None
+                )
         rejected = self.ledger.take_rejections(run_id) if report else []
         if rejected:
             raise DeliveryError(rejected)
+
+    def _wait(
+        self, future: concurrent.futures.Future[None], limit: float, progressing: bool
+    ) -> bool:
+        """Whether ``future`` resolved within ``limit`` seconds (of no progress, if
+        ``progressing``)."""
+        if math.isinf(limit):
+            future.result()
+            return True
+        ledger = self.ledger
+        deadline, seen = time.monotonic() + limit, ledger.sent + ledger.rejected + ledger.done
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                future.result(min(remaining, 1.0) if progressing else remaining)
+                return True
+            except concurrent.futures.TimeoutError:  # the built-in TimeoutError from 3.11
+                if not progressing:
+                    return False
+            settled = ledger.sent + ledger.rejected + ledger.done
+            if settled != seen:  # the server is storing: the deadline moves on
+                seen, deadline = settled, time.monotonic() + limit
 
     def close(self, timeout: float) -> int:
         """Send what is queued within ``timeout`` seconds, then stop; return what is left.
@@ -246,8 +273,13 @@ class Engine:
         window = WINDOW if writer is not None else min(WINDOW, self.queue.capacity)
         self.intake = intake = Intake(self.queue, writer, window)
         self._io_pool = DaemonPool(4, "asynctrack-io")
+        limiter = (
+            limiter_for(self.tracking_uri, self.config.max_in_flight)
+            if self.tracking_uri.startswith(("http://", "https://"))
+            else None  # a local store: one writer, nothing to adapt to
+        )
         dispatcher = Dispatcher(
-            intake, transport, self.ledger, self, self.config.max_in_flight, LIVE_RETRY
+            intake, transport, self.ledger, self, self.config.max_in_flight, LIVE_RETRY, limiter
         )
         pump = _Pump(dispatcher)
         pumping = asyncio.get_running_loop().create_task(pump.run())
@@ -255,7 +287,7 @@ class Engine:
         try:
             poll, last = min(_POLL, self.config.flush_interval), time.monotonic()
             while True:
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(asyncio.TimeoutError):  # built-in from 3.11
                     await asyncio.wait_for(wake.wait(), poll)
                 wake.clear()
                 self._take()
@@ -293,7 +325,10 @@ class Engine:
         except spool.SpoolError as exc:
             logger.warning("asynctrack: %s; events are kept in memory only until stored", exc)
             return None
-        report_orphans(root, self.config.spool_recover)
+        try:
+            report_orphans(root, self.config.spool_recover)
+        except OSError as exc:  # another user's unreadable directory in a shared root
+            logger.warning("asynctrack: cannot look for spools left in %s: %s", root, exc)
         return writer
 
     async def _close_spool(self) -> None:

@@ -70,8 +70,14 @@ class Ledger:
     def take_rejections(self, run_id: str | None = None) -> list[Rejection]:
         """The rejections not yet reported (only ``run_id``'s, when given), now reported."""
         with self._lock:
-            taken = [r for r in self._rejections if run_id is None or r.run_id == run_id]
-            self._rejections = [r for r in self._rejections if r not in taken]
+            if run_id is None:
+                everything, self._rejections = self._rejections, []
+                return everything
+            taken: list[Rejection] = []
+            kept: list[Rejection] = []
+            for rejection in self._rejections:
+                (taken if rejection.run_id == run_id else kept).append(rejection)
+            self._rejections = kept
         return taken
 
     def all_rejections(self) -> list[Rejection]:

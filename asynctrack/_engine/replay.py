@@ -31,6 +31,7 @@ from asynctrack._engine.dispatcher import Dispatcher
 from asynctrack._engine.events import Job, MetaEvent, to_seconds
 from asynctrack._engine.jobs import Resources
 from asynctrack._engine.ledger import Ledger
+from asynctrack._engine.limiter import limiter_for
 from asynctrack._engine.retry import GaveUp, RetryPolicy
 from asynctrack._engine.stats import FileCounters
 from asynctrack._engine.status import DirStatus, Survey, status, survey, writer_dirs
@@ -180,7 +181,10 @@ class _Directory:
         # with calls in flight); a local store (sqlite) takes one writer at a time.
         in_flight = 4 if uri.startswith(("http://", "https://")) else 1
         jobs = _ReplayJobs(uri, self.policy)
-        dispatcher = Dispatcher(source, transport, self.ledger, jobs, in_flight, self.policy)
+        limiter = limiter_for(uri, in_flight) if in_flight > 1 else None
+        dispatcher = Dispatcher(
+            source, transport, self.ledger, jobs, in_flight, self.policy, limiter
+        )
         try:
             await dispatcher.pump(due=True)
             await dispatcher.settle()

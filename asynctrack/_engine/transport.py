@@ -16,6 +16,7 @@ MLflow's own ``http_request`` when authentication or proxies need it per request
 
 from __future__ import annotations
 
+import enum
 import http.client
 import json
 import math
@@ -43,12 +44,25 @@ _WHOLE_REQUEST_CODES = frozenset(
 )
 
 
-class Transient(Exception):
-    """The request may succeed later (not before ``retry_after`` seconds, when given)."""
+class Outcome(enum.Enum):
+    """What an answer (or its absence) says about the server's load, for the limiter."""
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    OK = "ok"  # stored or refused on its merits: the server is answering normally
+    OVERLOAD = "overload"  # 408, 425, 429, 5xx, an exhausted database pool
+    TIMEOUT = "timeout"  # no answer in time: the server may still be working on it
+    ERROR = "error"  # refused connection and the like: says nothing about load
+
+
+class Transient(Exception):
+    """The request may succeed later (not before ``retry_after`` seconds, when given);
+    ``outcome`` tells the limiter whether the server seems overloaded."""
+
+    def __init__(
+        self, reason: str, retry_after: float | None = None, outcome: Outcome = Outcome.ERROR
+    ) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+        self.outcome = outcome
 
 
 class Refused(Exception):
@@ -74,15 +88,23 @@ class Transport(Protocol):
     def run_status(self, run_id: str) -> str: ...
 
 
-def check_answer(status: int, text: str) -> None:
+def outcome_of(status: int, text: str = "") -> Outcome:
+    """What an HTTP answer (status and body) says about the server's load."""
+    if status in TRANSIENT_STATUS or status >= 500:
+        return Outcome.OVERLOAD
+    if status == 400 and any(sign in text for sign in _OVERLOAD_MESSAGES):
+        return Outcome.OVERLOAD  # MLflow's 400 for an exhausted pool: overload all the same
+    return Outcome.OK
+
+
+def check_answer(status: int, text: str, retry_after: float | None = None) -> None:
     """Return for a 200; raise Transient or Refused for any other answer."""
     if status == 200:
         return
-    if status in TRANSIENT_STATUS:
-        raise Transient(f"HTTP {status}")
+    if outcome_of(status, text) is Outcome.OVERLOAD:
+        detail = f": {short(_error_of(text)[1])}" if status == 400 else ""
+        raise Transient(f"HTTP {status}{detail}", retry_after, Outcome.OVERLOAD)
     code, message = _error_of(text)
-    if any(sign in message for sign in _OVERLOAD_MESSAGES):
-        raise Transient(f"HTTP {status}: {short(message)}")
     raise Refused(
         f"{code or 'HTTP ' + str(status)}: {short(message)}",
         splittable=_splittable(code, message) and status not in (401, 403, 404),
@@ -96,7 +118,7 @@ def sort_mlflow_error(exc: Exception) -> Transient | Refused:
     if isinstance(exc, MlflowException):
         code, message = exc.error_code, exc.message
         if code in TRANSIENT_CODES or any(sign in message for sign in _OVERLOAD_MESSAGES):
-            return Transient(short(message))
+            return Transient(short(message), None, Outcome.OVERLOAD)
         return Refused(f"{code}: {short(message)}", splittable=_splittable(code, message))
     if isinstance(exc, OSError):  # requests' connection errors, a locked or full disk
         return Transient(short(f"{type(exc).__name__}: {exc}"))
@@ -167,14 +189,16 @@ class RestTransport:
         self._wire = Wire(self._creds, request_timeout) if wire_usable(self._creds) else None
 
     def _post(self, endpoint: str, body: str) -> None:
+        retry_after = None
         if self._wire is None:
             status, text = self._post_via_mlflow(endpoint, body)
         else:
             try:
-                status, text = self._wire.post(endpoint, body.encode("utf-8"))
+                status, text, retry_after = self._wire.post_full(endpoint, body.encode("utf-8"))
             except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out
-                raise Transient(short(f"{type(exc).__name__}: {exc}")) from None
-        check_answer(status, text)
+                outcome = Outcome.TIMEOUT if isinstance(exc, TimeoutError) else Outcome.ERROR
+                raise Transient(short(f"{type(exc).__name__}: {exc}"), None, outcome) from None
+        check_answer(status, text, retry_after)
 
     def _post_via_mlflow(self, endpoint: str, body: str) -> tuple[int, str]:
         from mlflow.exceptions import MlflowException

@@ -14,10 +14,15 @@ plugins, AWS SigV4, Databricks, a proxy) goes through MLflow's ``http_request`` 
 from __future__ import annotations
 
 import base64
+import contextlib
+import datetime
+import email.utils
 import http.client
+import math
 import os
 import ssl
 import threading
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -83,6 +88,16 @@ class Wire:
         request is sent again on a fresh connection. MLflow ignores a metric, param or tag
         stored twice, so a resend after an unlucky race cannot duplicate anything.
         """
+        response, data = self._exchange(endpoint, body)
+        return response.status, data.decode("utf-8", "replace")
+
+    def post_full(self, endpoint: str, body: bytes) -> tuple[int, str, float | None]:
+        """As :meth:`post`, plus the seconds the server's ``Retry-After`` asks to wait."""
+        response, data = self._exchange(endpoint, body)
+        retry_after = parse_retry_after(response.getheader("Retry-After"), time.time())
+        return response.status, data.decode("utf-8", "replace"), retry_after
+
+    def _exchange(self, endpoint: str, body: bytes) -> tuple[http.client.HTTPResponse, bytes]:
         headers = {**self._headers, **self._workspace, "Content-Length": str(len(body))}
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         for reused in (conn is not None, False):
@@ -102,7 +117,7 @@ class Wire:
                 conn.close()
                 conn = None
             self._local.conn = conn
-            return response.status, data.decode("utf-8", "replace")
+            return response, data
         raise AssertionError("unreachable")
 
     def _connect(self) -> http.client.HTTPConnection:
@@ -111,6 +126,24 @@ class Wire:
                 self._host, self._port, timeout=self._timeout, context=self._ssl
             )
         return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delay-seconds or an HTTP-date (compared
+    with ``now``, seconds since the epoch). None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    with contextlib.suppress(ValueError):
+        seconds = float(value)  # RFC 9110 says whole seconds; some servers send fractions
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is always GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - now)
 
 
 def _ssl_context(creds: Any) -> ssl.SSLContext:

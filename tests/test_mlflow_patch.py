@@ -15,6 +15,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pytest
+from faults import wait_until
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.async_logging.run_operations import RunOperations
@@ -24,7 +25,6 @@ from asynctrack._mlflow import client as patched_client
 from asynctrack._mlflow import fluent as patched_fluent
 from asynctrack._mlflow import private
 from asynctrack.errors import DeliveryError
-from tests.faults import wait_until
 
 T0 = 1_700_000_000_000  # a fixed metric timestamp (ms), so both sides store the same
 
@@ -183,6 +183,7 @@ def _current_experiment_id() -> str:
     return str(_get_experiment_id())
 
 
+@pytest.mark.slow
 def test_workload_is_stored_as_plain_mlflow_stores_it(
     client: mlflow.MlflowClient, experiment_name: str, tmp_path: Path
 ) -> None:
@@ -403,6 +404,7 @@ def _grid_search(data: Any) -> None:
         mlflow.sklearn.autolog(disable=True)
 
 
+@pytest.mark.slow
 def test_sklearn_autolog_grid_search_stores_the_same_runs(
     client: mlflow.MlflowClient, experiment_name: str, data: Any, tmp_path: Path
 ) -> None:

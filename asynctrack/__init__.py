@@ -11,6 +11,7 @@ from asynctrack._artifacts.models import LoggedModelHandle
 from asynctrack._engine import configure
 from asynctrack._engine.runtime import configure_engine
 from asynctrack._engine.stats import Stats
+from asynctrack._mlflow import patch_mlflow, unpatch_mlflow
 from asynctrack.api import aflush, flush, stats
 from asynctrack.config import setup_mlflow_env
 from asynctrack.decorators import (
@@ -74,9 +75,11 @@ __all__ = (
     "log_metrics_decorator",
     "log_params_decorator",
     "mlflow_run",
+    "patch_mlflow",
     "register_best_model",
     "setup_mlflow_env",
     "stats",
     "timed_execution",
     "transition_model_stage",
+    "unpatch_mlflow",
 )

@@ -498,3 +498,8 @@ def status(spool_dir: Path | None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+from asynctrack._mlflow.launcher import run as _run_command  # noqa: E402
+
+main.add_command(_run_command)

@@ -1,0 +1,100 @@
+"""Which calls the engine serves, and what a patched call returns.
+
+A run's sink is looked up by run id on every fluent call (a dict lookup); the tracking
+URI is resolved once per run, as MLflow resolves it when the call comes. A URI the engine
+cannot serve is cached as ``None``: those calls keep MLflow's path, with one notice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from typing import Any
+
+import mlflow
+from mlflow.utils.async_logging.run_operations import RunOperations
+
+from asynctrack._mlflow import private, sink
+
+_by_run: dict[str, sink.RunSink | None] = {}
+_served: dict[str, bool] = {}
+_lock = threading.Lock()
+
+#: What a call with ``synchronous=None`` returns: set at patch time from
+#: ``MLFLOW_ENABLE_ASYNC_LOGGING`` (MLflow's default then is an operation to wait on).
+default_async = False
+
+
+def real(function: Any) -> Any:
+    """MLflow's own function behind a trampoline of the environment switch (see
+    ``asynctrack_mlflow_hook``), or the function itself."""
+    return getattr(function, "__asynctrack_original__", function)
+
+
+def sink_of_run(run_id: str) -> sink.RunSink | None:
+    """The sink of a run of the current tracking URI (fluent calls), None for MLflow's path."""
+    try:
+        return _by_run[run_id]
+    except KeyError:
+        pass
+    s = sink_of(mlflow.get_tracking_uri(), run_id)
+    with _lock:
+        if len(_by_run) > 10_000:
+            _by_run.clear()
+        _by_run[run_id] = s
+    return s
+
+
+def sink_of(tracking_uri: str, run_id: str) -> sink.RunSink | None:
+    """The sink of ``run_id`` at ``tracking_uri``, None when the engine cannot serve it."""
+    served = _served.get(tracking_uri)
+    if served is None:
+        served = _served[tracking_uri] = sink.serves(tracking_uri)
+        if not served:
+            from asynctrack._engine.transport import redact
+
+            sys.stderr.write(
+                f"asynctrack: tracking URI {redact(tracking_uri)} is not one asynctrack "
+                "serves; MLflow's own logging path is used for it\n"
+            )
+    return sink.run(tracking_uri, run_id) if served else None
+
+
+def forget() -> None:
+    with _lock:
+        _by_run.clear()
+        _served.clear()
+    sink.forget()
+
+
+class _Stored:
+    """A future for ``RunOperations``: its result is "the run's queued events are stored"."""
+
+    __slots__ = ("_sink",)
+
+    def __init__(self, s: sink.RunSink) -> None:
+        self._sink = s
+
+    def result(self, timeout: float | None = None) -> None:
+        self._sink.flush(timeout)
+
+
+def after(s: sink.RunSink, synchronous: bool | None, value: Any) -> Any:
+    """MLflow's return contract: ``synchronous=True`` returns once stored (or raises what
+    the server refused); ``False`` returns an operation to ``.wait()`` on; ``None`` (the
+    default) queues and returns what MLflow's default mode returns."""
+    if synchronous is None:
+        if not default_async:
+            return value
+    elif synchronous:
+        s.flush()
+        return value
+    return RunOperations([_Stored(s)])
+
+
+def print_run_url(s: sink.RunSink) -> None:
+    """MLflow prints a link to the run when it ends (REST servers); so do we."""
+    if s.tracking_uri.startswith(("http://", "https://")):
+        with contextlib.suppress(Exception):  # a link is not worth failing the run's end
+            private.print_run_url(mlflow.MlflowClient(s.tracking_uri), s.run_id)

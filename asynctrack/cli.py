@@ -18,6 +18,7 @@ import click
 from click.core import ParameterSource
 
 from asynctrack import config
+from asynctrack._mlflow.launcher import run as run_command
 
 _FORMATS = click.Choice(["table", "csv", "json"])
 F = TypeVar("F", bound=Callable[..., Any])
@@ -496,10 +497,7 @@ def status(spool_dir: Path | None) -> None:
             click.echo(f"damaged: {d.directory.name}/{damage}")
 
 
+main.add_command(run_command)
+
 if __name__ == "__main__":
     main()
-
-
-from asynctrack._mlflow.launcher import run as _run_command  # noqa: E402
-
-main.add_command(_run_command)

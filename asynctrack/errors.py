@@ -14,7 +14,7 @@ working for code that does not know asynctrack::
     │   └── ParamConflictError               a param re-logged with another value
     ├── QueueFullError (BufferError)         the queue stayed full (policy "raise" or timeout)
     ├── FlushTimeoutError (TimeoutError)     flush() or run end passed its deadline
-    ├── DeliveryError                        the server refused some events
+    ├── DeliveryError (MlflowException)      the server refused some events
     └── EngineClosedError (RuntimeError)     logging after the engine shut down
 
 Input MLflow would refuse is refused at the call with an ``InvalidInputError``: it is also
@@ -29,7 +29,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, ErrorCode
+
+
+def _code(rejections: Sequence[Rejection]) -> int:
+    """The MLflow error code a refusal's reason starts with (``INVALID_STATE: ...``)."""
+    name = rejections[0].reason.split(":", 1)[0] if rejections else ""
+    try:
+        return int(ErrorCode.Value(name))
+    except ValueError:  # not one of MLflow's codes: a timeout, an upload's own error
+        return int(INTERNAL_ERROR)
+
 
 __all__ = [
     "AsyncTrackError",
@@ -107,10 +117,12 @@ class Rejection:
         return f"run {self.run_id}: {self.kind} {self.key!r}: {self.reason}"
 
 
-class DeliveryError(AsyncTrackError):
+class DeliveryError(AsyncTrackError, MlflowException):
     """The server refused some events (or an upload failed); every other event was stored.
 
-    ``rejections`` lists each refused event with its run, key and the server's reason.
+    ``rejections`` lists each refused event with its run, key and the server's reason. Also
+    an ``MlflowException`` (so ``except MlflowException`` code keeps working), with the
+    error code of the first refusal when the server gave one.
     """
 
     def __init__(self, rejections: Sequence[Rejection]) -> None:
@@ -119,4 +131,4 @@ class DeliveryError(AsyncTrackError):
         more = len(self.rejections) - 20
         tail = f"\n  ... and {more} more" if more > 0 else ""
         count = len(self.rejections)
-        super().__init__(f"{count} event(s) not stored:\n  {shown}{tail}")
+        super().__init__(f"{count} event(s) not stored:\n  {shown}{tail}", _code(self.rejections))

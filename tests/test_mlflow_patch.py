@@ -24,7 +24,6 @@ import asynctrack
 from asynctrack._mlflow import client as patched_client
 from asynctrack._mlflow import fluent as patched_fluent
 from asynctrack._mlflow import private
-from asynctrack.errors import DeliveryError
 
 T0 = 1_700_000_000_000  # a fixed metric timestamp (ms), so both sides store the same
 
@@ -297,11 +296,6 @@ def test_synchronous_false_returns_an_operation_to_wait_on(
         assert mlflow.log_metric("m", 1.0) is None
 
 
-@pytest.mark.xfail(
-    not issubclass(DeliveryError, MlflowException),
-    reason="the lead makes DeliveryError an MlflowException (errors.py)",
-    strict=True,
-)
 def test_synchronous_true_raises_mlflow_exception_for_a_server_refusal(
     client: mlflow.MlflowClient, experiment_name: str, patched: None
 ) -> None:

@@ -109,7 +109,8 @@ def check_value(key: str, value: object) -> Any:
             f"metric {key!r}: value must be a real number, got {what}"
         ) from None
     except ValueError as exc:
-        raise InvalidInputError(
+        # A TypeError too: MLflow hands a non-numeric string on to protobuf, which raises one.
+        raise InvalidInputTypeError(
             f"metric {key!r}: invalid value {_short_repr(value)}: please specify the value as "
             f"a valid double (64-bit floating point) ({exc})"
         ) from None

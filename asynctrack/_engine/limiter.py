@@ -263,4 +263,3 @@ def after_fork_in_child() -> None:
     _registry.clear()
     for limiter in list(_all_limiters):  # ones an engine still holds start afresh too
         limiter._reset()
-

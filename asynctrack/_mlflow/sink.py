@@ -34,8 +34,6 @@ from asynctrack._engine.events import (
 )
 from asynctrack.errors import (
     FlushTimeoutError,
-    InvalidInputError,
-    InvalidInputTypeError,
     ParamConflictError,
 )
 
@@ -222,13 +220,7 @@ def _existing_engine(tracking_uri: str) -> Any:
 
 
 def _value(key: str, value: Any) -> Any:
-    try:
-        return check_value(key, value)
-    except InvalidInputError as exc:
-        if isinstance(value, str) and not isinstance(exc, TypeError):
-            # MLflow hands a non-numeric string on to protobuf, which raises TypeError.
-            raise InvalidInputTypeError(str(exc)) from None
-        raise
+    return check_value(key, value)
 
 
 def _check_unique(params: Sequence[tuple[str, Any]]) -> None:

@@ -21,6 +21,21 @@ _POLL = 0.05  # seconds between two looks at the room left, for a caller that wa
 
 
 class EventQueue:
+    __slots__ = (
+        "_barriers_put",
+        "_barriers_taken",
+        "_buf",
+        "_capacity",
+        "_full_message",
+        "_limit",
+        "_on_drop",
+        "_policy",
+        "_room",
+        "_start",
+        "_timeout",
+        "_wake",
+    )
+
     def __init__(
         self,
         config: EngineConfig,
@@ -36,17 +51,27 @@ class EventQueue:
         self._start, self._wake, self._on_drop = start, wake, on_drop
         self._full_message = full_message
         self._room = threading.Condition(threading.Lock())
-        #: Read on the hot path: set once the worker runs, cleared when it stops.
-        self.open = False
+        # The hot path's one comparison: the capacity while the worker runs, else 0, so a
+        # closed or not yet started queue always takes the slow path.
+        self._limit = 0
         self._barriers_put = 0  # by callers, under the lock
         self._barriers_taken = 0  # by the worker
 
     def put(self, event: Event) -> None:
         """The hot path: queue one event and return."""
-        if self.open and len(self._buf) < self._capacity:
+        if len(self._buf) < self._limit:
             self._buf.append(event)
             return
         self._put_slow(event)
+
+    @property
+    def open(self) -> bool:
+        """Whether the worker takes events (set by the engine as it starts and stops)."""
+        return self._limit > 0
+
+    @open.setter
+    def open(self, value: bool) -> None:
+        self._limit = self._capacity if value else 0
 
     def barrier(self) -> Barrier:
         """Queue a flush barrier (it always gets in) and wake the worker for it."""

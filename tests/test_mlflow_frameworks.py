@@ -3,12 +3,14 @@ Hugging Face behind the ``torch`` marker (skipped cleanly without PyTorch)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import mlflow
-import numpy as np
 import pytest
 
 import asynctrack
@@ -21,41 +23,57 @@ def patched() -> Iterator[None]:
     asynctrack.flush()
 
 
-def _keras() -> Any:
-    os.environ.setdefault("KERAS_BACKEND", "jax")
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "jax":
-        pytest.skip(f"keras runs on {keras.backend.backend()}, not jax")
-    return keras
+# In a process of its own: JAX starts threads when imported, and a fork in this test process
+# afterwards (several tests fork) could deadlock in them.
+_KERAS_SCRIPT = """
+import os, sys
+os.environ["KERAS_BACKEND"] = "jax"
+import numpy as np
+import keras
+import mlflow
+import mlflow.keras
+import mlflow.keras.callback
 
+import asynctrack
+from asynctrack._mlflow import fluent
 
-@pytest.mark.slow
-def test_keras_callback_stores_every_epoch_and_batch_metric(
-    client: mlflow.MlflowClient, experiment_name: str, patched: None
-) -> None:
-    keras = _keras()
-    import mlflow.keras
-    import mlflow.keras.callback
-
-    from asynctrack._mlflow import fluent
-
+assert keras.backend.backend() == "jax", keras.backend.backend()
+with asynctrack.patch_mlflow(quiet=True):
     # the callback module's own `from mlflow import log_metrics` copy is patched too
     assert mlflow.keras.callback.log_metrics is fluent.log_metrics
     rng = np.random.default_rng(0)
     x, y = rng.random((64, 4)), rng.random((64, 1))
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
-    mlflow.set_experiment(experiment_name)
+    mlflow.set_experiment(sys.argv[1])
     with mlflow.start_run() as run:
         model.fit(
             x, y, batch_size=8, epochs=3, verbose=0, validation_split=0.25,
             callbacks=[mlflow.keras.MlflowCallback(log_every_epoch=True)],
-        )  # fmt: skip
+        )
         model.fit(
             x, y, batch_size=8, epochs=2, verbose=0,
             callbacks=[mlflow.keras.MlflowCallback(log_every_epoch=False, log_every_n_steps=1)],
-        )  # fmt: skip
-    run_id = run.info.run_id
+        )
+    asynctrack.flush()
+print("run", run.info.run_id)
+"""
+
+
+@pytest.mark.slow
+def test_keras_callback_stores_every_epoch_and_batch_metric(
+    client: mlflow.MlflowClient, mlflow_tracking_uri: str, experiment_name: str
+) -> None:
+    for package in ("keras", "jax"):  # not imported here (see _KERAS_SCRIPT)
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_tracking_uri}
+    done = subprocess.run(
+        [sys.executable, "-c", _KERAS_SCRIPT, experiment_name],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id = done.stdout.split("run ")[-1].strip()
     epochs = client.get_metric_history(run_id, "val_loss")
     assert sorted(m.step for m in epochs) == [0, 1, 2]
     batches = client.get_metric_history(run_id, "mae")

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import TypeVar
 
 from asynctrack._engine import spool
-from asynctrack._engine.batching import MAX_METRICS
 from asynctrack._engine.dispatcher import Dispatcher
 from asynctrack._engine.events import Event, MetaEvent
 from asynctrack._engine.intake import Intake, report_orphans
@@ -293,9 +292,13 @@ class Engine:
                 self._take()
                 if intake.sync_due(self.config.spool_sync_interval):
                     await self.run_blocking(intake.sync)
-                due = self._urgent or time.monotonic() - last >= self.config.flush_interval
-                if due or intake.mem_events >= MAX_METRICS or intake.backlog is not None:
-                    self._urgent = False
+                due = (
+                    self._urgent
+                    or intake.barrier_taken
+                    or time.monotonic() - last >= self.config.flush_interval
+                )
+                if due or intake.full or intake.backlog is not None:
+                    self._urgent = intake.barrier_taken = False
                     pump.wake(due)
                     if due:
                         last = time.monotonic()

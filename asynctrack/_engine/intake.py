@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from asynctrack._engine import spool
+from asynctrack._engine.batching import MAX_METRICS
 from asynctrack._engine.events import Barrier, Event, Job, resolve_chunk
 from asynctrack._engine.queue import EventQueue
 from asynctrack.errors import Rejection
@@ -56,6 +57,10 @@ class Intake:
         self._warned = ""
         #: Events taken out of their chunk because their value could not be converted.
         self.refused: list[Rejection] = []
+        #: A flush barrier was taken since the worker last looked: send now. Kept here,
+        #: on the worker's side, because a caller's wake can be consumed before the
+        #: barrier it announces is taken.
+        self.barrier_taken = False
 
     # ------------------------------------------------------------------ taking
 
@@ -69,6 +74,7 @@ class Intake:
             chunk = queue.take(CHUNK)
             record = self._encode(chunk)
             barriers = sum(1 for e in chunk if type(e) is Barrier)
+            self.barrier_taken |= barriers > 0
             room = self.backlog is None and (self.mem_events < self.window or everything)
             at = self._spool(record, len(chunk) - barriers)
             if at is None and self.writer is not None and not room:
@@ -139,6 +145,12 @@ class Intake:
                 # A job's work is code, not data: it runs from memory. Uploads are
                 # independent of the events around them; run ends wait for all jobs.
                 self._keep(segment, [event])
+
+    @property
+    def full(self) -> bool:
+        """Enough in memory to send now: a full batch, or (without a spool) a full window
+        that callers wait on."""
+        return self.mem_events >= min(MAX_METRICS, self.window)
 
     def next_chunk(self) -> tuple[int, list[Any]] | None:
         """The next chunk for the dispatcher, from memory or, past the window, from disk."""

@@ -651,7 +651,7 @@ def test_exit_report_names_the_configured_deadline(
     monkeypatch.setattr(runtime, "_engines", {"fake://": engine})
     runtime.shutdown()
     transport.gate.set()
-    assert "before the 0.3 s exit deadline" in capsys.readouterr().err
+    assert "at exit: 0.3 s passed without progress" in capsys.readouterr().err
 
 
 SECRET_URI = "http://alice:s3cret-pw@127.0.0.1:1"
@@ -812,3 +812,13 @@ def test_a_flush_without_a_timeout_waits_while_the_server_makes_progress() -> No
             engine.flush(0.5)  # a number is a fixed deadline
     finally:
         engine.close(10)
+
+
+def test_exit_waits_while_the_server_makes_progress() -> None:
+    transport = SlowTransport()  # 0.15 s a batch
+    config = EngineConfig.resolve(flush_interval=1000.0, exit_timeout=0.5, max_in_flight=1)
+    engine = Engine("fake://", config, lambda uri, timeout: transport)  # type: ignore[return-value]
+    for i in range(8000):  # about 1.2 s of sending, more than exit_timeout
+        engine.put(metric(i))
+    assert engine.close(config.exit_timeout) == 0
+    assert len(transport.metrics()) == 8000

@@ -156,12 +156,15 @@ class Engine:
         forever. Then, if ``report``, DeliveryError for events refused since the last flush
         (only ``run_id``'s, when given); otherwise they wait for the next flush.
         """
+        limit = self.config.flush_timeout if timeout is None else timeout
+        self._flush(limit, timeout is None, run_id, report)
+
+    def _flush(self, limit: float, progressing: bool, run_id: str | None, report: bool) -> None:
         if self.state is State.OPEN:
             barrier = self.queue.barrier()
-            limit = self.config.flush_timeout if timeout is None else timeout
-            if not self._wait(barrier.future, limit, progressing=timeout is None):
+            if not self._wait(barrier.future, limit, progressing):
                 pending = self.pending()
-                since = " without progress" if timeout is None else ""
+                since = " without progress" if progressing else ""
                 raise FlushTimeoutError(
                     f"flush timed out after {limit} s{since} with {pending} event(s) not yet "
                     f"stored at {redact(self.tracking_uri)}{self._cause()}; they stay queued",
@@ -196,7 +199,9 @@ class Engine:
                 seen, deadline = settled, time.monotonic() + limit
 
     def close(self, timeout: float) -> int:
-        """Send what is queued within ``timeout`` seconds, then stop; return what is left.
+        """Send what is queued, then stop; return what is left. Stops once ``timeout``
+        seconds pass with nothing stored: a fleet draining slowly but surely at exit is
+        not cut off, and a server that stopped answering holds the exit that long at most.
 
         With a spool, part of the deadline is kept to write what is left to it: those
         events stay there for ``asynctrack sync``.
@@ -207,7 +212,7 @@ class Engine:
                 return 0
         reserve = min(1.0, timeout / 5) if self.intake.writer is not None else 0.0
         with contextlib.suppress(FlushTimeoutError, DeliveryError):
-            self.flush(timeout - reserve)
+            self._flush(timeout - reserve, progressing=True, run_id=None, report=True)
         with self._lock:
             self.state = State.CLOSED
             self.queue.open = False

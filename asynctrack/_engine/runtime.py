@@ -1,10 +1,11 @@
 """One engine per tracking URI in this process; exit and fork handling.
 
-At exit every engine gets ``exit_timeout`` seconds to send what it holds; what is left is
-counted on stderr. After ``os.fork`` the child resets every engine in place: the parent's
-queued events stay the parent's (never sent twice), and the child's worker starts on its
-first event. ``multiprocessing`` children leave through ``os._exit`` without running
-``atexit``, so their engines also register a multiprocessing finalizer.
+At exit every engine sends what it holds until ``exit_timeout`` seconds pass with nothing
+stored (a fleet draining slowly is not cut off); what is left is counted on stderr. After
+``os.fork`` the child resets every engine in place: the parent's queued events stay the
+parent's (never sent twice), and the child's worker starts on its first event.
+``multiprocessing`` children leave through ``os._exit`` without running ``atexit``, so
+their engines also register a multiprocessing finalizer.
 """
 
 from __future__ import annotations
@@ -131,9 +132,8 @@ def shutdown() -> None:
     engines = all_engines()
     if not engines:
         return
-    deadline = time.monotonic() + engines[0].config.exit_timeout
     for engine in engines:
-        _close(engine, max(0.0, deadline - time.monotonic()))
+        _close(engine, engine.config.exit_timeout)
 
 
 def _close(engine: Engine, timeout: float) -> None:
@@ -149,7 +149,7 @@ def _close(engine: Engine, timeout: float) -> None:
         )
         sys.stderr.write(
             f"asynctrack: {left} event(s) could not be stored at {redact(engine.tracking_uri)} "
-            f"before the {engine.config.exit_timeout:g} s exit deadline"
+            f"at exit: {engine.config.exit_timeout:g} s passed without progress"
             f"{'; last error: ' + cause if cause else ''}{kept}\n"
         )
 

@@ -261,3 +261,25 @@ def test_forked_child_starts_afresh() -> None:
     assert report.split() == ["False", "0", "0", "True", initial, "0", initial]
     assert parent.in_flight == 1  # the parent's own limiter is untouched
     held.done(Outcome.OK)
+
+
+async def test_request_timeout_doubles_per_round_of_timeouts_and_comes_back(
+    clock: FakeClock,
+) -> None:
+    limiter = await grown(clock)
+    assert limiter.request_timeout(30.0) == 30.0
+    await round_trip(limiter, clock, 30.0, Outcome.TIMEOUT)
+    assert limiter.request_timeout(30.0) == 60.0  # one round, one doubling
+    for _ in range(10):
+        await round_trip(limiter, clock, 30.0, Outcome.TIMEOUT)
+    assert limiter.request_timeout(30.0) == 30.0 * limiter_mod.MAX_TIMEOUT_SCALE
+    for _ in range(200):  # answers, fast again: back to what was configured
+        await round_trip(limiter, clock, 0.01)
+    assert limiter.request_timeout(30.0) == 30.0
+
+
+async def test_request_timeout_is_never_below_a_few_recent_latencies(clock: FakeClock) -> None:
+    limiter = make(clock)
+    for _ in range(20):
+        await round_trip(limiter, clock, 2.0)
+    assert limiter.request_timeout(1.0) == pytest.approx(limiter_mod._TIMEOUT_LATENCIES * 2.0)

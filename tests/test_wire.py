@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
@@ -25,9 +26,11 @@ class _Recorder(BaseHTTPRequestHandler):
     seen: ClassVar[list[tuple[str, dict[str, str], bytes]]] = []
     close_after: ClassVar[set[int]] = set()  # request numbers after which the server closes
     answer: ClassVar[tuple[int, dict[str, str]]] = (200, {})  # status and extra headers
+    delay: ClassVar[float] = 0.0  # a slow server: seconds before it answers
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(self.delay)
         self.seen.append((self.path, dict(self.headers), body))
         payload = b"{}"
         status, extra = self.answer
@@ -50,6 +53,7 @@ def recorder() -> Iterator[str]:
     _Recorder.seen = []
     _Recorder.close_after = set()
     _Recorder.answer = (200, {})
+    _Recorder.delay = 0.0
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -165,3 +169,15 @@ def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
 
 def test_parse_retry_after_date_in_the_past_is_no_wait() -> None:
     assert wire.parse_retry_after(_DATE, _DATE_EPOCH + 3600.0) == 0.0
+
+
+def test_a_request_may_be_given_a_longer_timeout(recorder: str) -> None:
+    # The limiter stretches the timeout while the server is slow; the next request that is
+    # given none gets the configured one again, on the same kept-alive connection.
+    client = wire.Wire(get_default_host_creds(recorder), 0.2)
+    _Recorder.delay = 0.6
+    with pytest.raises(TimeoutError):
+        client.post_full("/x", b"{}")
+    assert client.post_full("/x", b"{}", timeout=10.0)[0] == 200
+    with pytest.raises(TimeoutError):
+        client.post_full("/x", b"{}")

@@ -41,7 +41,7 @@ from asynctrack._engine.queue import EventQueue
 from asynctrack._engine.retry import RetryPolicy
 from asynctrack._engine.stats import FileCounters, Stats
 from asynctrack._engine.threads import DaemonPool
-from asynctrack._engine.transport import Transport, make_transport, redact
+from asynctrack._engine.transport import RestTransport, Transport, make_transport, redact
 from asynctrack._engine.worker import Worker
 from asynctrack.config import EngineConfig
 from asynctrack.errors import DeliveryError, EngineClosedError, FlushTimeoutError
@@ -282,6 +282,8 @@ class Engine:
             if self.tracking_uri.startswith(("http://", "https://"))
             else None  # a local store: one writer, nothing to adapt to
         )
+        if limiter is not None and isinstance(transport, RestTransport):
+            transport.limiter = limiter
         dispatcher = Dispatcher(
             intake, transport, self.ledger, self, self.config.max_in_flight, LIVE_RETRY, limiter
         )

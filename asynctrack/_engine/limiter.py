@@ -16,6 +16,11 @@ are sent again). So the number adapts, AIMD as in TCP and Netflix's concurrency-
 
 A ``Retry-After`` is one backoff for the whole server: every sender of the process waits.
 
+The request timeout follows the server too (``request_timeout(base)``): a request the server
+is still working on is not cut off and sent again, which only adds to its queue. Each
+timeout doubles it (up to ``MAX_TIMEOUT_SCALE`` x the configured one); answers bring it back
+down by 5% each; it never falls below 4x the recent latency.
+
 One limiter per server (scheme, host, port) per process, shared by every engine talking to
 it (``limiter_for``). Engines run their own event loops on their own threads, so the state
 sits behind a ``threading.Lock`` and a freed slot is handed to a waiter of any loop with
@@ -57,6 +62,10 @@ TOLERANCE = 2.0  # answers this much slower than usual count as a server queuein
 SLOWER, OVERLOAD = 0.9, 0.5  # how much the limit keeps on each kind of bad news
 # Moving averages of latency, over about 20 answers (100 while slow) and 3 answers.
 _USUAL_WEIGHT, _SLOW_WEIGHT, _RECENT_WEIGHT = 0.05, 0.01, 0.3
+MAX_TIMEOUT_SCALE = 8.0  # 30 s configured: at most 4 minutes for one request
+_TIMEOUT_DECAY = 0.95
+_TIMEOUT_LATENCIES = 4.0  # a request gets at least this many times the recent latency
+
 # A proxy or a server that asks for hours would stall every sender: bounded, the retry
 # policy's own deadlines still apply.
 MAX_BACKOFF = 120.0
@@ -114,6 +123,8 @@ class Limiter:
         self._usual = self._recent = 0.0  # moving averages of latency; 0 until a first answer
         self._last_decrease = -float("inf")
         self._until = -float("inf")
+        self._timeout_scale = 1.0
+        self._timeout_raised = -float("inf")
 
     @property
     def limit(self) -> int:
@@ -126,6 +137,11 @@ class Limiter:
     def delay(self) -> float:
         """Seconds every sender must still wait because of a ``Retry-After``."""
         return max(0.0, self._until - self._clock())
+
+    def request_timeout(self, base: float) -> float:
+        """Seconds the next request may take: ``base`` as configured, more while the
+        server is slow (see the module's docstring)."""
+        return max(base * self._timeout_scale, _TIMEOUT_LATENCIES * self._recent)
 
     def backoff_until(self, when: float) -> None:
         """No request to this server before ``when`` (on the limiter's clock)."""
@@ -191,6 +207,12 @@ class Limiter:
 
     def _adapt(self, token: Token, outcome: Outcome, latency: float, now: float) -> None:
         fresh = token.started >= self._last_decrease  # sent after the last decrease
+        if outcome is Outcome.TIMEOUT:
+            if token.started >= self._timeout_raised:  # once per round, as for the limit
+                self._timeout_scale = min(MAX_TIMEOUT_SCALE, self._timeout_scale * 2)
+                self._timeout_raised = now
+        elif outcome is not Outcome.ERROR:  # the server answered
+            self._timeout_scale = max(1.0, self._timeout_scale * _TIMEOUT_DECAY)
         if outcome is Outcome.OK:
             if not self._usual:
                 self._usual = self._recent = latency

@@ -23,11 +23,14 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from asynctrack._engine.events import INT64_MAX, INT64_MIN, Metric, to_json_number, to_ms
 from asynctrack._engine.wire import Wire
 from asynctrack._engine.wire import usable as wire_usable
+
+if TYPE_CHECKING:  # the limiter imports this module's outcomes
+    from asynctrack._engine.limiter import Limiter
 
 KeyValue = tuple[str, str]
 
@@ -187,6 +190,8 @@ class RestTransport:
         self._creds = get_default_host_creds(tracking_uri)
         self._timeout = request_timeout
         self._wire = Wire(self._creds, request_timeout) if wire_usable(self._creds) else None
+        #: The engine's server limiter, which stretches the timeout while the server is slow.
+        self.limiter: Limiter | None = None
 
     def _post(self, endpoint: str, body: str) -> None:
         retry_after = None
@@ -194,7 +199,11 @@ class RestTransport:
             status, text = self._post_via_mlflow(endpoint, body)
         else:
             try:
-                status, text, retry_after = self._wire.post_full(endpoint, body.encode("utf-8"))
+                limiter = self.limiter
+                timeout = None if limiter is None else limiter.request_timeout(self._timeout)
+                status, text, retry_after = self._wire.post_full(
+                    endpoint, body.encode("utf-8"), timeout
+                )
             except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out
                 outcome = Outcome.TIMEOUT if isinstance(exc, TimeoutError) else Outcome.ERROR
                 raise Transient(short(f"{type(exc).__name__}: {exc}"), None, outcome) from None

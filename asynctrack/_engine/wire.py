@@ -91,18 +91,28 @@ class Wire:
         response, data = self._exchange(endpoint, body)
         return response.status, data.decode("utf-8", "replace")
 
-    def post_full(self, endpoint: str, body: bytes) -> tuple[int, str, float | None]:
-        """As :meth:`post`, plus the seconds the server's ``Retry-After`` asks to wait."""
-        response, data = self._exchange(endpoint, body)
+    def post_full(
+        self, endpoint: str, body: bytes, timeout: float | None = None
+    ) -> tuple[int, str, float | None]:
+        """As :meth:`post`, plus the seconds the server's ``Retry-After`` asks to wait;
+        ``timeout`` replaces the configured one for this request."""
+        response, data = self._exchange(endpoint, body, timeout)
         retry_after = parse_retry_after(response.getheader("Retry-After"), time.time())
         return response.status, data.decode("utf-8", "replace"), retry_after
 
-    def _exchange(self, endpoint: str, body: bytes) -> tuple[http.client.HTTPResponse, bytes]:
+    def _exchange(
+        self, endpoint: str, body: bytes, timeout: float | None = None
+    ) -> tuple[http.client.HTTPResponse, bytes]:
         headers = {**self._headers, **self._workspace, "Content-Length": str(len(body))}
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         for reused in (conn is not None, False):
             if conn is None:
                 conn = self._connect()
+            wait = self._timeout if timeout is None else timeout
+            if conn.timeout != wait:  # a kept-alive connection: its socket exists already
+                conn.timeout = wait
+                if conn.sock is not None:
+                    conn.sock.settimeout(wait)
             try:
                 conn.request("POST", self._prefix + endpoint, body, headers)
                 response = conn.getresponse()

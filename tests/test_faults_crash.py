@@ -537,6 +537,74 @@ def test_sigkill_during_artifact_upload_sync_uploads_the_file(
     assert [p for p in staging.rglob("*") if p.is_file()] == []
 
 
+_MODEL_CRASH_SCRIPT = """
+import json, os, sys, time
+import numpy as np
+from sklearn.linear_model import LinearRegression
+import asynctrack
+from asynctrack import MLflowExperimentTracker
+
+experiment, registered = sys.argv[1], sys.argv[2]
+X = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [2.0, 3.0], [3.0, 1.0]])
+model = LinearRegression().fit(X, X @ [1.0, 2.0] + 3.0)
+tracker = MLflowExperimentTracker(experiment_name=experiment)
+with tracker.start_run(run_name="model-crash"):
+    print("run", tracker.run_id, flush=True)
+    sys.stdin.readline()  # the server is a black hole from here on
+    tracker.log_param("alpha", "0.5")
+    tracker.log_model(model, "regressor", registered_model_name=registered)
+    deadline = time.monotonic() + 60
+    while asynctrack.stats().durable < 2:  # the param and the model's record
+        if time.monotonic() > deadline:
+            print("stuck", json.dumps(asynctrack.stats().as_dict()), flush=True)
+            os._exit(3)
+        time.sleep(0.02)
+    print("durable", 2, json.dumps(asynctrack.stats().as_dict()), flush=True)
+    sys.stdin.readline()  # the test SIGKILLs us here
+    os._exit(4)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_before_log_model_is_done_sync_logs_and_registers_the_model(
+    tmp_path: Path, client: MlflowClient, mlflow_server: MlflowServer, experiment_name: str
+) -> None:
+    root, staging = tmp_path / "spool", tmp_path / "staging"
+    registered = f"{experiment_name}-regressor"
+    gate = Gate(mlflow_server.port)
+    try:
+        env = child_env(gate.url, root, ASYNCTRACK_STAGING_DIR=str(staging))
+        with child(_MODEL_CRASH_SCRIPT, [experiment_name, registered], env) as proc:
+            run_id, stats = _crash(proc, gate.black_hole, 2)
+            assert stats["sent"] == 0
+            proc.kill()
+        assert [p.name for p in staging.rglob("MLmodel")] == ["MLmodel"]  # staged, kept
+        gate.open()
+        experiment_id = client.get_run(run_id).info.experiment_id
+        assert client.search_logged_models([experiment_id]) == []
+
+        result = _sync(root)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "stored 2 events, refused 0, 0 left" in result.stdout
+        assert writer_dirs(root) == []
+    finally:
+        gate.close()
+
+    [logged] = client.search_logged_models([experiment_id])
+    assert (logged.name, logged.source_run_id, str(logged.status)) == ("regressor", run_id, "READY")
+    assert logged.params == {"alpha": "0.5"}
+    assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [logged.model_id]
+    assert client.get_model_version(registered, "1").source == f"models:/{logged.model_id}"
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{logged.model_id}",
+        dst_path=str(tmp_path / "download"),
+        tracking_uri=mlflow_server.url,
+    )
+    loaded = mlflow.sklearn.load_model(local)
+    assert loaded.predict([[1.0, 1.0]]).tolist() == pytest.approx([6.0])
+    assert list(staging.rglob("MLmodel")) == []  # the replay removed the staged copy
+
+
 # ---------------------------------------------------------------------------- 3. sync twice
 
 

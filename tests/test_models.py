@@ -4,7 +4,6 @@ the run, loaded back through MLflow from ``runs:/`` and ``models:/`` URIs."""
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -75,17 +74,14 @@ def test_seed_log_model_example(
     with tracker.start_run(run_name="gradient-boosting-v1"):
         tracker.log_params({"n_estimators": 50, "max_depth": 3})
         model = GradientBoostingRegressor(n_estimators=50, max_depth=3).fit(X_train, y_train)
-        started = time.perf_counter()
         handle = tracker.log_model(  # as the seed writes it
             model,
             artifact_path="model",
             input_example=X_test.head(5),
             registered_model_name=registered,
         )
-        call_seconds = time.perf_counter() - started
         run_id = tracker.run_id
         assert handle.runs_uri == f"runs:/{run_id}/model"
-    assert call_seconds < 5  # the save; requirement inference alone takes about 10 s
     info = handle.wait()
     assert info.model_uri == handle.model_uri == f"models:/{handle.model_id}"
     assert int(info.registered_model_version) == 1

@@ -18,6 +18,7 @@ moves to the worker and rewrites ``requirements.txt``/``conda.yaml`` before the 
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import shutil
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import anyio.to_thread
@@ -35,6 +36,7 @@ from asynctrack._artifacts.paths import check_model_name
 from asynctrack._artifacts.upload import clean_at_stop, store
 from asynctrack._engine.events import Job
 from asynctrack._engine.jobs import JobContext
+from asynctrack._engine.retry import GaveUp
 from asynctrack.errors import DeliveryError, FlushTimeoutError, Rejection
 
 # MLflow's default wait for a new model version to become READY.
@@ -247,12 +249,37 @@ class _LoggedModel:
     mlmodel: Any = None  # the MLmodel as stamped; its file is gone once uploaded
     settled: bool = False  # the files' outcome is counted (by the upload, or as failed)
 
+    def spec(self) -> dict[str, Any]:
+        """What the spool keeps (plain values) for ``asynctrack sync`` to log the model
+        after a crash, with the staged files (see ``replayed``)."""
+        extra = self.extra_requirements
+        return {
+            "name": self.name,
+            "experiment_id": self.run.experiment_id,
+            "flavor_name": self.flavor_name,
+            "infer_requirements": self.infer_requirements,
+            "extra_requirements": extra if isinstance(extra, (str, type(None))) else list(extra),
+            "registered_model_name": self.registered_model_name,
+            "params": self.params,
+            "tags": self.tags,
+            "model_type": self.model_type,
+            "step": self.step,
+            "await_registration_for": self.await_registration_for,
+        }
+
     def queue(self) -> None:
         self.files = staging.staged_tree(self.local)
         counters = self.run.engine.files
         counters.queued(len(self.files), sum(f.size for f in self.files))
         try:
-            self.run.engine.put(Job(self.run.run_id, "model", self.name, self.work))
+            job = Job(
+                self.run.run_id,
+                "model",
+                self.name,
+                self.work,
+                spooled=(str(self.area), self.spec()),
+            )
+            self.run.engine.put(job)
         except BaseException:
             counters.queued(-len(self.files), -sum(f.size for f in self.files))
             staging.remove(self.area)
@@ -261,15 +288,23 @@ class _LoggedModel:
     async def work(self, jobs: JobContext) -> None:
         clean_at_stop(jobs)
         logged: Any = None
+        finished = False
         try:
             logged = await jobs.run_blocking(self._create)
             self.handle._model_id.set_result(logged.model_id)
-            await jobs.run_blocking(partial(self._prepare, logged))
+            await jobs.run_blocking(partial(self._prepare, logged, jobs.files))
             self.settled = True
             await store(jobs, logged.artifact_location, self.run.tracking_uri, self.files)
             info = await jobs.run_blocking(partial(self._finish, logged))
             self.handle._info.set_result(info)
+            finished = True
+        except (asyncio.CancelledError, GaveUp) as exc:
+            # Cut short (the exit deadline, or sync's): the staged files stay, and the
+            # spool's record lets `asynctrack sync` log the model.
+            self.handle._fail(exc)
+            raise
         except BaseException as exc:
+            finished = True  # reported: nothing is left to redo
             if not self.settled:
                 counters = jobs.files
                 for staged in self.files:
@@ -279,7 +314,8 @@ class _LoggedModel:
                 await jobs.run_blocking(partial(self._finalize_failed, logged))
             raise
         finally:
-            await jobs.run_blocking(partial(staging.remove, self.area))
+            if finished:
+                await jobs.run_blocking(partial(staging.remove, self.area))
 
     def _client(self) -> Any:
         from mlflow import MlflowClient
@@ -305,7 +341,7 @@ class _LoggedModel:
         client.log_outputs(self.run.run_id, [LoggedModelOutput(logged.model_id, step=self.step)])
         return logged
 
-    def _prepare(self, logged: Any) -> None:
+    def _prepare(self, logged: Any, counters: Any) -> None:
         """Stamp the model's id into MLmodel and write its requirements; re-list the files."""
         from mlflow.models import Model
 
@@ -320,7 +356,7 @@ class _LoggedModel:
             _write_requirements(self.local, model.flavors["sklearn"], self.extra_requirements)
         before = self.files
         self.files = staging.staged_tree(self.local)
-        self.run.engine.files.queued(
+        counters.queued(
             len(self.files) - len(before),
             sum(f.size for f in self.files) - sum(f.size for f in before),
         )
@@ -349,6 +385,33 @@ class _LoggedModel:
             self._client().finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
         except Exception:  # the failure being reported is the one that matters
             return
+
+
+def replayed(run_id: str, area: str, spec: dict[str, Any], tracking_uri: str) -> _LoggedModel:
+    """A model a dead process left staged (its spool's record), to be logged by ``sync``."""
+    local = Path(area) / spec["name"]
+    if not (local / "MLmodel").is_file():
+        raise FileNotFoundError(f"lost: the staged model {local} is gone")
+    run = SimpleNamespace(
+        run_id=run_id, experiment_id=spec["experiment_id"], tracking_uri=tracking_uri
+    )
+    return _LoggedModel(
+        run=run,
+        name=spec["name"],
+        area=Path(area),
+        local=local,
+        handle=LoggedModelHandle(run_id, spec["name"], 0),
+        flavor_name=spec["flavor_name"],
+        infer_requirements=spec["infer_requirements"],
+        extra_requirements=spec["extra_requirements"],
+        registered_model_name=spec["registered_model_name"],
+        params=spec["params"],
+        tags=spec["tags"],
+        model_type=spec["model_type"],
+        step=spec["step"],
+        await_registration_for=spec["await_registration_for"],
+        files=staging.staged_tree(local),
+    )
 
 
 def _register(client: Any, name: str, model_id: str, tags: dict[str, str], wait: int) -> Any:

@@ -249,7 +249,8 @@ class Job:
     at the next flush as a refusal of ``label`` (e.g. the artifact's path). Flushes and run
     ends wait for jobs queued before them. ``spooled``, when given, is what the spool keeps
     so ``asynctrack sync`` can redo the job after a crash: ``(staged file or staging area,
-    artifact dir or None)``; the area is laid out as the run's artifact paths.
+    artifact dir or None)``, the area laid out as the run's artifact paths; for a model,
+    ``(staging area, what the call asked for)``.
     """
 
     __slots__ = ("kind", "label", "run_id", "spooled", "work")
@@ -260,7 +261,7 @@ class Job:
         kind: str,
         label: str,
         work: Callable[[Any], Awaitable[None]],
-        spooled: tuple[str, str | None] | None = None,
+        spooled: tuple[str, Any] | None = None,
     ) -> None:
         self.run_id = run_id
         self.kind = kind

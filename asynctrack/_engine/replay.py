@@ -293,11 +293,11 @@ class SegmentSource:
             return event
         if isinstance(event, spool.ArtifactDone):
             return None  # a marker, not an event
-        if isinstance(event, spool.Artifact):
+        if isinstance(event, (spool.Artifact, spool.Model)):
             if event.path in self._finished:  # its writer stored or reported it
                 self.finished += 1
                 return None
-            return _upload_job(event)
+            return _upload_job(event) if isinstance(event, spool.Artifact) else _model_job(event)
         if isinstance(event, MetaEvent) and event.kind == "end":
             # the end was written before the segment's last write, and usually just after
             # the run's last metric
@@ -359,6 +359,19 @@ def _upload_job(artifact: spool.Artifact) -> Job:
     return Job(run_id, "artifact", path, work, spooled=(path, artifact_path))
 
 
+def _model_job(record: spool.Model) -> Job:
+    """A ``log_model`` its process did not finish: the whole flow again, from the staged
+    files (a logged model the dead process had created stays PENDING beside the new one)."""
+    run_id, area, spec = record.run_id, record.path, record.spec
+
+    async def work(jobs: Any) -> None:
+        from asynctrack._artifacts.models import replayed
+
+        await replayed(run_id, area, spec, jobs.tracking_uri).work(jobs)
+
+    return Job(run_id, "model", str(spec.get("name", area)), work, spooled=(area, spec))
+
+
 class _ReplayJobs:
     """What replayed uploads need of a job context: blocking calls and the retry policy."""
 
@@ -370,6 +383,10 @@ class _ReplayJobs:
         self._client: Any = None
         self.resources = Resources()
         self.files = FileCounters()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self._uri
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:
         return await self._pool.run(fn)

@@ -71,8 +71,8 @@ def _plain(event: Event) -> tuple[Any, ...] | None:
             return ("e", event.run_id, event.value)
         return (_KINDS[event.kind], event.run_id, event.key, event.value)
     if isinstance(event, Job) and event.spooled is not None:
-        return ("a", event.run_id, *event.spooled)
-    return None  # a barrier, or a job the spool cannot replay (a model's whole flow)
+        return ("m" if event.kind == "model" else "a", event.run_id, *event.spooled)
+    return None  # a barrier, or a job the spool cannot replay
 
 
 def encode(events: Sequence[Event]) -> bytes:
@@ -94,6 +94,16 @@ class Artifact:
 
 
 @dataclass(frozen=True)
+class Model:
+    """A ``log_model`` the spool remembers: its staging area and what the call asked for
+    (``asynctrack._artifacts.models.spec``), so ``sync`` can log it after a crash."""
+
+    run_id: str
+    path: str
+    spec: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class ArtifactDone:
     """The writer finished the upload of ``path`` (stored, or reported to the user)."""
 
@@ -106,7 +116,7 @@ def done_record(run_id: str, path: str) -> bytes:
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-Spooled = Any  # a metric tuple, a MetaEvent, an Artifact or an ArtifactDone
+Spooled = Any  # a metric tuple, a MetaEvent, an Artifact, a Model or an ArtifactDone
 
 
 def decode(payload: bytes) -> list[Spooled]:
@@ -118,6 +128,8 @@ def decode(payload: bytes) -> list[Spooled]:
             events.append(MetaEvent("end", item[1], "status", item[2]))
         elif item[0] == "a":
             events.append(Artifact(item[1], item[2], item[3]))
+        elif item[0] == "m":
+            events.append(Model(item[1], item[2], item[3]))
         elif item[0] == "d":
             events.append(ArtifactDone(item[1], item[2]))
         else:

@@ -126,6 +126,56 @@ def test_replays_metrics_params_tags_and_end(
     assert replay.status(tmp_path) == []
 
 
+def test_records_marked_settled_are_neither_counted_nor_sent(
+    client: MlflowClient, experiment_name: str, tmp_path: Path
+) -> None:
+    run_id = new_run(client, experiment_name)
+    writer = write_spool(
+        tmp_path,
+        client.tracking_uri,
+        [metrics(run_id, "loss", range(0, 300)), metrics(run_id, "loss", range(300, 400))],
+        [[param(run_id, "p", "1"), end(run_id)], metrics(run_id, "acc", range(5))],
+        close=False,
+    )
+    # the writer's marker for the first record of each segment (records start after the
+    # segment's header), written in segment 2
+    first = len(spool.MAGIC)
+    writer.append(spool.settled_record([(1, first), (2, first)]))
+    writer.close(empty=False)
+    [found] = replay.status(tmp_path)
+    assert found.events == 100 + 5
+
+    report = replay.replay(tmp_path)
+
+    assert report.ok, report
+    assert report.stored == 105
+    # only what was not marked reached the server (here the marked part never did)
+    assert history(client, run_id, "loss") == expected(range(300, 400))
+    assert history(client, run_id, "acc") == expected(range(5))
+    # the marked param and end are not sent again either, nor is the run ended as orphaned
+    run = client.get_run(run_id)
+    assert (run.data.params, run.info.status) == ({}, "RUNNING")
+    assert not writer.directory.exists()
+
+
+def test_a_sync_cut_short_marks_what_it_settled(tmp_path: Path) -> None:
+    writer = write_spool(
+        tmp_path,
+        "http://127.0.0.1:1",
+        [metrics("r", "m", range(10)), metrics("r", "m", range(10, 30))],
+    )
+    path = writer.path(1)
+    mtime = path.stat().st_mtime_ns
+    source = replay.SegmentSource([path], set(), set(), replay.SyncReport())
+    handed = [source.next_chunk(), source.next_chunk()]
+    assert [len(chunk[1]) if chunk else 0 for chunk in handed] == [10, 20]
+    source.settled(1, now=False)  # the first chunk stored, then the server went away
+    source.close()
+    [found] = replay.status(tmp_path)
+    assert found.events == 20
+    assert path.stat().st_mtime_ns == mtime  # it still says when the writer died
+
+
 def test_replaying_twice_stores_nothing_twice(
     client: MlflowClient, experiment_name: str, tmp_path: Path
 ) -> None:
@@ -450,9 +500,11 @@ def test_an_upload_its_writer_finished_is_not_redone(
     writer.append(spool.done_record(run_id, str(gone)))
     writer.close(empty=False)
 
+    [found] = replay.status(root)
+    assert found.events == 3  # the upload is not waiting: its writer finished it
     report = replay.replay(root)
 
     assert report.ok, report
-    assert report.stored == 4  # the upload counts as done
+    assert report.stored == 3
     assert [m.step for m in client.get_metric_history(run_id, "m")] == [0, 1, 2]
     assert not root.exists() or not any(root.iterdir())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import mlflow
 import pytest
 from click.testing import CliRunner
+from faults import FaultProxy
 from mlflow import MlflowClient
 
 from asynctrack._engine import replay, spool
@@ -21,7 +23,7 @@ from asynctrack._engine.events import Job, MetaEvent
 from asynctrack._engine.retry import RetryPolicy
 from asynctrack._engine.transport import Refused, Transient
 from asynctrack.cli import main
-from asynctrack.testing import free_port
+from asynctrack.testing import MlflowServer, free_port
 
 T0 = 1_700_000_000.0  # metric timestamps (seconds), fixed so they can be compared exactly
 
@@ -174,6 +176,35 @@ def test_a_sync_cut_short_marks_what_it_settled(tmp_path: Path) -> None:
     [found] = replay.status(tmp_path)
     assert found.events == 20
     assert path.stat().st_mtime_ns == mtime  # it still says when the writer died
+
+
+def test_dead_directories_are_replayed_at_once_each_with_its_summary(
+    client: MlflowClient, mlflow_server: MlflowServer, experiment_name: str, tmp_path: Path
+) -> None:
+    runs = [new_run(client, f"{experiment_name}-{i}") for i in range(3)]
+    reports: list[replay.SyncReport] = []
+    with FaultProxy(mlflow_server.url) as proxy:
+        for run_id in runs:  # one request of metrics each: the 16 ranks of a job, in small
+            write_spool(tmp_path, proxy.url, [metrics(run_id, "loss", range(10)), [end(run_id)]])
+        proxy.hold(path="log-batch")
+        syncing = threading.Thread(target=lambda: reports.append(replay.replay(tmp_path)))
+        syncing.start()
+        try:
+            # two requests held at once come from two directories replayed at once
+            proxy.wait_for(lambda: proxy.count("log-batch", "held") >= 2)
+        finally:
+            proxy.pass_through()
+            proxy.release()
+            syncing.join(60)
+    [report] = reports
+    assert report.ok, report
+    assert report.stored == 3 * 11
+    assert sorted(line.split(": ", 1)[1] for line in report.directories) == 3 * [
+        "stored 11 events, refused 0, 0 left"
+    ]
+    for run_id in runs:
+        assert history(client, run_id, "loss") == expected(range(10))
+        assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_replaying_twice_stores_nothing_twice(

@@ -13,6 +13,10 @@ value, and an end goes only to a run the server still shows RUNNING).
 Replay holds the directory's lock while it works, so neither a live writer nor a second
 sync is raced. Each directory has a deadline of its own: a server that does not answer
 leaves its directories for the next sync, and every other directory is still recovered.
+Directories sent to a tracking server are replayed several at once (the 16 ranks of a job
+that crashed), each on a thread of its own; their requests to one server share the
+process's limiter for it (``limiter_for``), as the engines of one process do. Directories
+sent to a local store (sqlite takes one writer at a time) go one after the other.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -38,7 +43,7 @@ from asynctrack._engine.limiter import limiter_for
 from asynctrack._engine.retry import GaveUp, RetryPolicy
 from asynctrack._engine.stats import FileCounters
 from asynctrack._engine.status import DirStatus, Survey, status, survey, writer_dirs
-from asynctrack._engine.threads import DaemonPool
+from asynctrack._engine.threads import DaemonPool, run_each
 from asynctrack._engine.transport import (
     Refused,
     Transient,
@@ -55,6 +60,7 @@ __all__ = ["DirStatus", "SyncReport", "replay", "status"]
 T = TypeVar("T")
 _REQUEST_TIMEOUT = 30.0
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
+_AT_ONCE = 8  # directories replayed at once
 
 
 @dataclass
@@ -69,10 +75,18 @@ class SyncReport:
     ended_runs: list[str] = field(default_factory=list)  # no end spooled: ended with `status`
     open_runs: list[str] = field(default_factory=list)  # no end spooled, left RUNNING
     errors: list[str] = field(default_factory=list)
+    directories: list[str] = field(default_factory=list)  # one summary line each
 
     @property
     def ok(self) -> bool:
         return not (self.refused or self.left or self.damaged or self.errors)
+
+    def add(self, other: SyncReport) -> None:
+        self.stored += other.stored
+        self.left += other.left
+        for name in ("refused", "damaged", "skipped", "ended_runs", "open_runs", "errors"):
+            getattr(self, name).extend(getattr(other, name))
+        self.directories.extend(other.directories)
 
 
 def replay(
@@ -103,11 +117,25 @@ def replay(
         if not d.alive:  # a dead writer's segments only ever go away: reused if all there
             surveys[d.directory] = seen
     silent: set[str] = set()  # servers that did not answer in this sync: not waited for again
-    for d in found:
-        _Directory(d, report, status, tracking_uri, timeout, progress).replay(
-            surveys.get(d.directory), not_orphans, silent
-        )
+    if progress is not None:  # called from each directory's thread
+        progress = partial(_locked, threading.Lock(), progress)
+    dirs = [_Directory(d, SyncReport(), status, tracking_uri, timeout, progress) for d in found]
+    calls = {
+        one: partial(one.replay, surveys.get(one.found.directory), not_orphans, silent)
+        for one in dirs
+    }
+    for one in dirs:
+        if not one.served:
+            calls[one]()
+    run_each([calls[one] for one in dirs if one.served], _AT_ONCE, "asynctrack-sync")
+    for one in dirs:
+        report.add(one.report)
     return report
+
+
+def _locked(lock: threading.Lock, progress: Callable[[int], None], count: int) -> None:
+    with lock:
+        progress(count)
 
 
 class _Directory:
@@ -128,6 +156,9 @@ class _Directory:
         self.policy = RetryPolicy(first=0.25, maximum=15.0, patience=timeout)
         self.request_timeout = min(_REQUEST_TIMEOUT, max(timeout, 1.0))
         self.last_error = ""
+        uri = override or found.owner.get("tracking_uri")
+        #: sent to a server (replayed alongside others), not to a local store
+        self.served = isinstance(uri, str) and uri.startswith(("http://", "https://"))
 
     def replay(self, seen: Survey | None, not_orphans: set[str], silent: set[str]) -> None:
         where = self.found.directory
@@ -155,6 +186,7 @@ class _Directory:
                         f"{where}: left for later, its server {redact(uri)} did not answer; "
                         f"{seen.events} events stay in the spool for the next sync"
                     )
+                self._summary()
                 return
             transport = make_transport(uri, self.request_timeout)
             source = SegmentSource(segments, seen.done, seen.settled, self.report)
@@ -177,8 +209,16 @@ class _Directory:
                 self.report.stored += self.ledger.sent + self.ledger.done
                 self.report.refused.extend(self.ledger.take_rejections())
                 self.report.damaged.sort()  # segments settle in any order; report in theirs
+                self._summary()
             if not any(where.glob("*.seg")):
                 _remove_dir(where)
+
+    def _summary(self) -> None:
+        report = self.report
+        report.directories.append(
+            f"{self.found.directory.name}: stored {report.stored} events, refused "
+            f"{len(report.refused)}, {report.left} left"
+        )
 
     async def _dispatch(self, source: SegmentSource, transport: Transport, uri: str) -> None:
         # Metric batches of a run overlap against a server (it stores about twice as much

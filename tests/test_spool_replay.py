@@ -160,6 +160,18 @@ def test_records_marked_settled_are_neither_counted_nor_sent(
     assert not writer.directory.exists()
 
 
+def test_a_version_1_segment_is_read_and_an_unknown_version_is_damage(tmp_path: Path) -> None:
+    writer = write_spool(tmp_path, "http://127.0.0.1:1", [metrics("r", "m", range(10))])
+    data = bytearray(writer.path(1).read_bytes())
+    data[len(spool.MAGIC) - 1] = 1  # as asynctrack wrote before settled markers
+    writer.path(1).write_bytes(bytes(data))
+    assert [d.events for d in replay.status(tmp_path)] == [10]
+    data[len(spool.MAGIC) - 1] = 9
+    writer.path(1).write_bytes(bytes(data))
+    [found] = replay.status(tmp_path)
+    assert found.events == 0 and "version byte 9" in found.damage[0]
+
+
 def test_a_sync_cut_short_marks_what_it_settled(tmp_path: Path) -> None:
     writer = write_spool(
         tmp_path,

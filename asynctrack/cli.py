@@ -446,6 +446,9 @@ def sync(ctx: click.Context, spool_dir: Path | None, end_status: str, timeout: f
         + (f" ({'; '.join(reasons)})" if reasons else "")
         + f", {report.left} left"
     )
+    if len(report.directories) > 1:  # one line per dead process's directory
+        for line in report.directories:
+            click.echo(f"  {line}")
     for rejection in report.refused[:10]:
         click.echo(f"  refused: {rejection}")
     if refused > 10:

@@ -44,6 +44,8 @@ class ListSource:
         self.chunks: deque[tuple[int, list[Any]]] = deque(chunks)
         self.acks: list[tuple[int, int]] = []
         self.done: list[tuple[str, int, bool]] = []
+        self.settled_chunks: list[tuple[int, bool]] = []  # each report: (chunks, now)
+        self.reported = asyncio.Event()
 
     def next_chunk(self) -> tuple[int, list[Any]] | None:
         return self.chunks.popleft() if self.chunks else None
@@ -53,6 +55,15 @@ class ListSource:
 
     def note_done(self, job: Job, segment: int, stored: bool) -> None:
         self.done.append((job.label, segment, stored))
+
+    def settled(self, chunks: int, now: bool) -> None:
+        self.settled_chunks.append((chunks, now))
+        self.reported.set()
+
+    async def until_settled(self, chunks: int) -> None:
+        while self.settled_chunks[-1][0] < chunks:
+            self.reported.clear()
+            await asyncio.wait_for(self.reported.wait(), WAIT)
 
     def acked(self) -> dict[int, int]:
         total: Counter[int] = Counter()
@@ -456,6 +467,42 @@ async def test_acks_per_segment_sum_to_the_events_of_each_segment(
     assert (ledger.rejected, ledger.done) == (3, 3)  # bad metric, bad tag, y.txt; x.txt, 2 ends
 
 
+async def test_settled_chunks_stop_before_the_oldest_unsettled_batch_or_request(
+    make: Callable[..., Dispatcher],
+) -> None:
+    # chunks 0-3 fill one batch of run a (sent, held at the gate); chunk 4 starts b's batch
+    a = [metric("a", i) for i in range(1000)]
+    source = ListSource([*chunks(1, a, 250), (1, [metric("b", 0)]), (1, [metric("a", 1000)])])
+    transport = FakeTransport(gated=True)
+    dispatcher = make(source, transport)
+    await dispatcher.pump(due=False)
+    await transport.until_inside(1)
+    assert source.settled_chunks and {c for c, _ in source.settled_chunks} == {0}
+    transport.gate.set()
+    await source.until_settled(1)
+    # a's request is stored, but b's partial batch (from chunk 4) is not sent yet
+    assert source.settled_chunks[-1] == (4, False)
+    await deliver(dispatcher)
+    assert source.settled_chunks[-1] == (6, False)
+
+
+async def test_a_flush_marks_everything_before_it_before_it_resolves(
+    make: Callable[..., Dispatcher],
+) -> None:
+    last, inside = Barrier(), Barrier()
+    source = ListSource(
+        [(1, [metric("a", 0), last]), (1, [metric("a", 1), inside, tag("a", "t", "v")])]
+    )
+    seen: list[list[tuple[int, bool]]] = []
+    for barrier in (last, inside):
+        barrier.future.add_done_callback(lambda _: seen.append(list(source.settled_chunks)))
+    await deliver(make(source, FakeTransport()))
+    # the barrier ending its chunk settles that chunk; one inside a chunk only those before
+    assert seen[0][-1] == (1, True)
+    assert seen[1][-1] == (1, True)
+    assert source.settled_chunks[-1] == (2, False)
+
+
 # ---------------------------------------------------------------------------- jobs
 
 
@@ -527,6 +574,7 @@ async def test_gave_up_surfaces_from_settle_and_stops_further_sends(
         await deliver(dispatcher)
     assert transport.attempts == attempts  # nothing more was sent
     assert source.acked() == {} and ledger.sent == 0  # what is unsettled stays on disk
+    assert {chunks for chunks, _ in source.settled_chunks} == {0}  # nor is it marked
 
 
 async def test_a_job_that_gave_up_stays_unsettled(make: Callable[..., Dispatcher]) -> None:

@@ -355,6 +355,39 @@ with tracker.start_run(run_name="crash"):
     os._exit(4)  # the test went away without killing us: leave as a crash would
 """
 
+# argv: experiment, steps stored, steps unsent. Logs and flushes the first steps (stored,
+# and marked so in the spool), says so, waits for the test to turn the server into a black
+# hole, logs the rest, waits until they are durable in the spool, and waits to be killed.
+_PARTIAL_SCRIPT = f"""
+import json, os, sys, time
+import asynctrack
+from asynctrack import MLflowExperimentTracker
+
+KEYS, PARAMS, TAGS = {KEYS!r}, {PARAMS!r}, {TAGS!r}
+experiment, stored, unsent = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+tracker = MLflowExperimentTracker(experiment_name=experiment)
+with tracker.start_run(run_name="partial"):
+    tracker.log_params(PARAMS)
+    tracker.set_tags(TAGS)
+    for step in range(stored + unsent):
+        if step == stored:
+            tracker.flush()
+            print("stored", tracker.run_id, json.dumps(asynctrack.stats().as_dict()), flush=True)
+            sys.stdin.readline()  # the server accepts requests and never answers from here on
+        for k, key in enumerate(KEYS):
+            tracker.log_metric(key, step * 0.5 + k, step=step)
+    events = len(PARAMS) + len(TAGS) + (stored + unsent) * len(KEYS)
+    deadline = time.monotonic() + 60
+    while asynctrack.stats().durable < events:  # polls observable state, with a deadline
+        if time.monotonic() > deadline:
+            print("stuck", json.dumps(asynctrack.stats().as_dict()), flush=True)
+            os._exit(3)
+        time.sleep(0.02)
+    print("durable", json.dumps(asynctrack.stats().as_dict()), flush=True)
+    sys.stdin.readline()  # the test SIGKILLs us here
+    os._exit(4)
+"""
+
 # argv: experiment. Logs to a live server while the test runs `asynctrack sync`, flushing
 # every 200 steps (which paces it), until told to stop; then ends its run normally.
 _LIVE_SCRIPT = """
@@ -802,3 +835,45 @@ def test_unusable_spool_directory_warns_and_still_delivers(
     else:
         assert root.read_text() == "not a directory\n"
     assert_crash_run(client, run_id, steps, "FINISHED")
+
+
+# ---------------------------------------------------------------------------- 6. only unsent
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_after_part_was_stored_status_and_sync_count_only_the_rest(
+    tmp_path: Path, client: MlflowClient, mlflow_server: MlflowServer, experiment_name: str
+) -> None:
+    stored, unsent = 1000, 334
+    root = tmp_path / "spool"
+    gate = Gate(mlflow_server.port)
+    try:
+        env = child_env(gate.url, root)
+        args = [experiment_name, str(stored), str(unsent)]
+        with child(_PARTIAL_SCRIPT, args, env) as proc:
+            run_id, stats = proc.expect("stored").split(" ", 1)
+            assert json.loads(stats)["sent"] == stored * len(KEYS) + len(PARAMS) + len(TAGS)
+            gate.black_hole()  # what follows reaches the server, which never answers
+            proc.send("go")
+            stats = json.loads(proc.expect("durable"))
+            assert stats["sent"] == stored * len(KEYS) + len(PARAMS) + len(TAGS)
+            proc.kill()
+        gate.open()
+        [directory] = writer_dirs(root)
+        # The spool holds the whole run, but says which records the server has.
+        row = status_rows(root)[directory.name]
+        assert (row[2], int(row[5])) == ("dead", unsent * len(KEYS))
+
+        result = _sync(root)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"stored {unsent * len(KEYS)} events, refused 0, 0 left" in result.stdout
+        assert f"runs ended FAILED (their process died first): {run_id}" in result.stdout
+        assert writer_dirs(root) == []
+    finally:
+        gate.close()
+    assert_crash_run(client, run_id, stored + unsent, "FAILED")
+    db = mlflow_server.workdir / "mlflow.db"
+    steps = stored + unsent
+    for k, key in enumerate(KEYS):
+        total = sum(value_of(step, k) for step in range(steps))
+        assert _metric_rows(db, run_id, key) == (steps, steps, 0, steps - 1, total)

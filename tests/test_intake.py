@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from asynctrack._engine import spool
+from asynctrack._engine import spool, status
 from asynctrack._engine.events import Barrier, MetaEvent, Metric
 from asynctrack._engine.intake import CHUNK, Intake
 from asynctrack._engine.queue import EventQueue
@@ -117,6 +117,40 @@ def test_a_window_overflow_goes_to_disk_and_is_read_back_in_order(make_intake: A
     assert [e for e in out if e is not barrier] == before + after
     assert out.index(barrier) >= len(before)  # after everything queued before it
     assert intake.backlog is None
+
+
+def test_settled_records_are_marked_and_status_counts_only_the_rest(make_intake: Any) -> None:
+    intake = make_intake()
+    put_all(intake, [metric(i) for i in range(600)])  # records of 256, 256 and 88 events
+    intake.pull()
+    writer = intake.writer
+    assert status.survey([writer.path(1)], writing=True).events == 600
+    assert len(drain(intake)) == 3
+    intake.settled(2, now=True)
+    seen = status.survey([writer.path(1)], writing=True)
+    assert seen.events == 88
+    starts = [start for start, _ in spool.read_segment(writer.path(1)).spans()]
+    assert seen.settled == {(1, starts[0]), (1, starts[1])}
+    intake.settled(3, now=False)  # within MARK_INTERVAL of the last marker, or not: either
+    intake.close()  # way, at the latest on closing
+    assert status.survey([writer.path(1)]).events == 0
+
+
+def test_a_backlog_read_back_skips_markers_and_its_records_are_marked(make_intake: Any) -> None:
+    intake = make_intake(window=300)
+    events = [metric(i) for i in range(1000)]  # records of 256, 256, 256, 232
+    put_all(intake, events)
+    intake.pull()
+    assert intake.backlog is not None  # the last two records are on disk only
+    first = [intake.next_chunk(), intake.next_chunk()]
+    intake.settled(2, now=True)  # a marker after the backlog's records, in the same segment
+    rest = drain(intake)
+    assert [e for _, c in first + rest for e in c] == events  # the marker is not an event
+    assert intake.backlog is None
+    path = intake.writer.path(1)
+    assert status.survey([path], writing=True).events == 1000 - 2 * CHUNK
+    intake.settled(4, now=True)
+    assert status.survey([path], writing=True).events == 0
 
 
 def test_without_a_spool_intake_stops_at_the_window(make_intake: Any) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import mlflow
 import pytest
 from click.testing import CliRunner
+from faults import FaultProxy
 from mlflow import MlflowClient
 
 from asynctrack._engine import replay, spool
@@ -21,7 +23,7 @@ from asynctrack._engine.events import Job, MetaEvent
 from asynctrack._engine.retry import RetryPolicy
 from asynctrack._engine.transport import Refused, Transient
 from asynctrack.cli import main
-from asynctrack.testing import free_port
+from asynctrack.testing import MlflowServer, free_port
 
 T0 = 1_700_000_000.0  # metric timestamps (seconds), fixed so they can be compared exactly
 
@@ -124,6 +126,97 @@ def test_replays_metrics_params_tags_and_end(
     assert run.info.end_time == expected(range(1499, 1500))[0][2]
     assert not writer.directory.exists()
     assert replay.status(tmp_path) == []
+
+
+def test_records_marked_settled_are_neither_counted_nor_sent(
+    client: MlflowClient, experiment_name: str, tmp_path: Path
+) -> None:
+    run_id = new_run(client, experiment_name)
+    writer = write_spool(
+        tmp_path,
+        client.tracking_uri,
+        [metrics(run_id, "loss", range(0, 300)), metrics(run_id, "loss", range(300, 400))],
+        [[param(run_id, "p", "1"), end(run_id)], metrics(run_id, "acc", range(5))],
+        close=False,
+    )
+    # the writer's marker for the first record of each segment (records start after the
+    # segment's header), written in segment 2
+    first = len(spool.MAGIC)
+    writer.append(spool.settled_record([(1, first), (2, first)]))
+    writer.close(empty=False)
+    [found] = replay.status(tmp_path)
+    assert found.events == 100 + 5
+
+    report = replay.replay(tmp_path)
+
+    assert report.ok, report
+    assert report.stored == 105
+    # only what was not marked reached the server (here the marked part never did)
+    assert history(client, run_id, "loss") == expected(range(300, 400))
+    assert history(client, run_id, "acc") == expected(range(5))
+    # the marked param and end are not sent again either, nor is the run ended as orphaned
+    run = client.get_run(run_id)
+    assert (run.data.params, run.info.status) == ({}, "RUNNING")
+    assert not writer.directory.exists()
+
+
+def test_a_version_1_segment_is_read_and_an_unknown_version_is_damage(tmp_path: Path) -> None:
+    writer = write_spool(tmp_path, "http://127.0.0.1:1", [metrics("r", "m", range(10))])
+    data = bytearray(writer.path(1).read_bytes())
+    data[len(spool.MAGIC) - 1] = 1  # as asynctrack wrote before settled markers
+    writer.path(1).write_bytes(bytes(data))
+    assert [d.events for d in replay.status(tmp_path)] == [10]
+    data[len(spool.MAGIC) - 1] = 9
+    writer.path(1).write_bytes(bytes(data))
+    [found] = replay.status(tmp_path)
+    assert found.events == 0 and "version byte 9" in found.damage[0]
+
+
+def test_a_sync_cut_short_marks_what_it_settled(tmp_path: Path) -> None:
+    writer = write_spool(
+        tmp_path,
+        "http://127.0.0.1:1",
+        [metrics("r", "m", range(10)), metrics("r", "m", range(10, 30))],
+    )
+    path = writer.path(1)
+    mtime = path.stat().st_mtime_ns
+    source = replay.SegmentSource([path], set(), set(), replay.SyncReport())
+    handed = [source.next_chunk(), source.next_chunk()]
+    assert [len(chunk[1]) if chunk else 0 for chunk in handed] == [10, 20]
+    source.settled(1, now=False)  # the first chunk stored, then the server went away
+    source.close()
+    [found] = replay.status(tmp_path)
+    assert found.events == 20
+    assert path.stat().st_mtime_ns == mtime  # it still says when the writer died
+
+
+def test_dead_directories_are_replayed_at_once_each_with_its_summary(
+    client: MlflowClient, mlflow_server: MlflowServer, experiment_name: str, tmp_path: Path
+) -> None:
+    runs = [new_run(client, f"{experiment_name}-{i}") for i in range(3)]
+    reports: list[replay.SyncReport] = []
+    with FaultProxy(mlflow_server.url) as proxy:
+        for run_id in runs:  # one request of metrics each: the 16 ranks of a job, in small
+            write_spool(tmp_path, proxy.url, [metrics(run_id, "loss", range(10)), [end(run_id)]])
+        proxy.hold(path="log-batch")
+        syncing = threading.Thread(target=lambda: reports.append(replay.replay(tmp_path)))
+        syncing.start()
+        try:
+            # two requests held at once come from two directories replayed at once
+            proxy.wait_for(lambda: proxy.count("log-batch", "held") >= 2)
+        finally:
+            proxy.pass_through()
+            proxy.release()
+            syncing.join(60)
+    [report] = reports
+    assert report.ok, report
+    assert report.stored == 3 * 11
+    assert sorted(line.split(": ", 1)[1] for line in report.directories) == 3 * [
+        "stored 11 events, refused 0, 0 left"
+    ]
+    for run_id in runs:
+        assert history(client, run_id, "loss") == expected(range(10))
+        assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_replaying_twice_stores_nothing_twice(
@@ -450,9 +543,11 @@ def test_an_upload_its_writer_finished_is_not_redone(
     writer.append(spool.done_record(run_id, str(gone)))
     writer.close(empty=False)
 
+    [found] = replay.status(root)
+    assert found.events == 3  # the upload is not waiting: its writer finished it
     report = replay.replay(root)
 
     assert report.ok, report
-    assert report.stored == 4  # the upload counts as done
+    assert report.stored == 3
     assert [m.step for m in client.get_metric_history(run_id, "m")] == [0, 1, 2]
     assert not root.exists() or not any(root.iterdir())

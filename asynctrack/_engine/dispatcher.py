@@ -17,6 +17,10 @@ process's spool segments) and turns them into requests:
 
 Every event taken is settled exactly once: stored or refused, in the :class:`Ledger`, and
 acknowledged to its source, which may then forget it (a spool segment is deleted).
+Requests settle in any order, so the source is also told how many chunks, counted from
+the first, are settled as a whole (``settled``): each partial batch and request remembers
+the first chunk it holds events of, and every chunk before the oldest of those is done.
+Jobs are left out (an upload can take minutes; the source marks each one done itself).
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ class Source(Protocol):
     def note_done(self, job: Job, segment: int, stored: bool) -> None:
         """``job`` is finished (``stored``, or refused): a sync must never redo it."""
 
+    def settled(self, chunks: int, now: bool) -> None:
+        """The first ``chunks`` chunks handed out are settled, their jobs aside; ``now``: a
+        flush waits on it."""
+
 
 class Dispatcher:
     def __init__(
@@ -71,6 +79,13 @@ class Dispatcher:
         self._metrics: dict[str, list[Metric]] = {}
         self._meta: dict[str, list[MetaEvent]] = {}
         self._segment = 0  # every partial batch belongs to one segment, settled as a whole
+        # For ``settled``: chunks taken whole, and the first chunk each partial batch (per
+        # run) and each request holds events of.
+        self._chunks = 0
+        self._last: Any = None  # the current chunk's last event
+        self._metrics_since: dict[str, int] = {}
+        self._meta_since: dict[str, int] = {}
+        self._requests: dict[asyncio.Task[None], int] = {}
         self._failure: BaseException | None = None  # a send that gave up (sync's deadline)
 
     @property
@@ -85,33 +100,46 @@ class Dispatcher:
             if segment != self._segment:
                 await self._dispatch_all()
                 self._segment = segment
+            self._last = events[-1] if events else None
             for event in events:
                 await self._take(event)
+            self._chunks += 1
             # Between chunks (256 events), the loop's select() releases the GIL for the
             # training loop, which waits for it when it comes back from numpy or torch.
             await asyncio.sleep(0)
         if due:
             await self._dispatch_all()
+        self._report()
 
     async def _take(self, event: Any) -> None:
         if type(event) is tuple:
-            batch = self._metrics.setdefault(event[0], [])
+            run_id = event[0]
+            batch = self._metrics.get(run_id)
+            if batch is None:
+                batch = self._metrics[run_id] = []
+                self._metrics_since[run_id] = self._chunks
             batch.append(event)
             if len(batch) >= MAX_METRICS:
-                del self._metrics[event[0]]
-                await self._spawn(self._send_metrics(event[0], batch, self._segment))
+                del self._metrics[run_id]
+                since = self._metrics_since.pop(run_id)
+                await self._spawn(self._send_metrics(run_id, batch, self._segment), since)
         elif isinstance(event, MetaEvent):
             if event.kind == "end":
                 await self.settle()
                 await self._end_run(event, self._segment)
             else:
-                self._meta.setdefault(event.run_id, []).append(event)
+                if event.run_id not in self._meta:
+                    self._meta[event.run_id] = []
+                    self._meta_since[event.run_id] = self._chunks
+                self._meta[event.run_id].append(event)
         elif isinstance(event, Job):
             task = asyncio.get_running_loop().create_task(self._run_job(event, self._segment))
             self._job_tasks.add(task)
             task.add_done_callback(self._job_tasks.discard)
         elif isinstance(event, Barrier):
             await self.settle()
+            # everything before it is settled: its chunk too if nothing follows it there
+            self._report(self._chunks + (event is self._last), now=True)
             event.future.set_result(None)
 
     async def settle(self) -> None:
@@ -130,18 +158,23 @@ class Dispatcher:
     async def _dispatch_all(self) -> None:
         segment = self._segment
         metrics, self._metrics = self._metrics, {}
+        since, self._metrics_since = self._metrics_since, {}
         for run_id, batch in metrics.items():
-            await self._spawn(self._send_metrics(run_id, batch, segment))
+            await self._spawn(self._send_metrics(run_id, batch, segment), since[run_id])
         meta, self._meta = self._meta, {}
+        since, self._meta_since = self._meta_since, {}
         for run_id, events in meta.items():
             batches = pack_meta(run_id, events)
             folded = len(events) - sum(len(b) for b in batches)  # a tag set twice, say
             self._ledger.stored(folded, request=False)
             self._source.ack(segment, folded)
             for meta_batch in batches:
-                await self._spawn(self._send_meta(run_id, meta_batch.events(), segment))
+                await self._spawn(
+                    self._send_meta(run_id, meta_batch.events(), segment), since[run_id]
+                )
 
-    async def _spawn(self, coro: Any) -> None:
+    async def _spawn(self, coro: Any, since: int) -> None:
+        """Start a request (``since``: the first chunk it holds events of)."""
         try:
             await self._slots.acquire()  # back-pressure: at most max_in_flight requests
         except BaseException:  # cancelled at exit: the request is never made
@@ -153,12 +186,16 @@ class Dispatcher:
             raise self._failure
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
+        self._requests[task] = since
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._slots.release()
         error = None if task.cancelled() else task.exception()
+        if not task.cancelled() and error is None:  # else its events are not settled
+            self._requests.pop(task, None)
+            self._report()
         if isinstance(error, GaveUp):  # sync's deadline: what is unsettled stays on disk
             self._failure = self._failure or error
         elif error is not None:  # a bug: say so, and keep the worker going
@@ -250,6 +287,14 @@ class Dispatcher:
             self._source.note_done(job, segment, stored=True)
             self._ledger.completed(1)
             self._source.ack(segment, 1)
+
+    def _report(self, upto: int | None = None, now: bool = False) -> None:
+        """Tell the source how many chunks, from the first, are settled."""
+        low = self._chunks if upto is None else upto
+        for pending in (self._metrics_since, self._meta_since, self._requests):
+            if pending:
+                low = min(low, min(pending.values()))
+        self._source.settled(low, now)
 
     def _stored(self, count: int, segment: int) -> None:
         self._ledger.stored(count)

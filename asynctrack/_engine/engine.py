@@ -297,6 +297,7 @@ class Engine:
                     await asyncio.wait_for(wake.wait(), poll)
                 wake.clear()
                 self._take()
+                intake.write_marks(now=False)  # what settled since the last pump pass
                 if intake.sync_due(self.config.spool_sync_interval):
                     await self.run_blocking(intake.sync)
                 due = (

@@ -10,7 +10,11 @@ stays bounded. Without a spool, intake stops at a full window and callers meet t
 queue's capacity as before.
 
 Each event is counted against the spool segment it was written to; a segment is removed
-once it is sealed and all its events are stored or reported.
+once it is sealed and all its events are stored or reported. Within a segment, the
+dispatcher says how many chunks handed to it are settled, in order (``settled``); the
+intake knows which record each chunk came from and appends a small marker record naming
+the settled ones, at most every ``MARK_INTERVAL`` (and at a flush), so that ``sync`` and
+``status`` after a crash count and send only what the server does not have.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from asynctrack.errors import Rejection
 logger = logging.getLogger("asynctrack")
 
 CHUNK = 256  # events per spool record, and per slice of worker time between GIL yields
+MARK_INTERVAL = 0.1  # seconds between "settled" marker records, at most (a flush: at once)
 
 Position = tuple[int, int]  # (segment, byte offset)
+Record = Position | None  # where a chunk's events are spooled (its record's start); None: not
 
 
 class Intake:
@@ -43,13 +49,18 @@ class Intake:
         self.queue = queue
         self.writer = writer
         self.window = window
-        #: (segment, events) ready for the sender; segment 0: not spooled.
-        self.mem: deque[tuple[int, list[Any]]] = deque()
+        #: (segment, events, record) ready for the sender; segment 0: not spooled.
+        self.mem: deque[tuple[int, list[Any], Record]] = deque()
         self.mem_events = 0
         #: The first record not in memory, while a backlog is on disk only.
         self.backlog: Position | None = None
         self._backlog_barriers: deque[tuple[Position, Barrier]] = deque()
         self.outstanding: dict[int, int] = {}
+        self._settled_chunks = 0
+        #: The record of each chunk handed to the dispatcher and not yet settled, in order.
+        self._handed: deque[Record] = deque()
+        self._marks: list[Position] = []  # settled records not yet marked in the spool
+        self._last_mark = 0.0
         self.spooled = 0  # events written to the spool, ever
         self.durable = 0  # events fsync'ed, ever
         self._last_sync = time.monotonic()
@@ -86,7 +97,7 @@ class Intake:
             if at is None:  # not spooled: memory is the only copy
                 self._keep(0, chunk)
             elif room:
-                self._keep(at[0], chunk)
+                self._keep(at[0], chunk, (at[0], at[1]) if at[1] < at[2] else None)
             else:
                 self._spill(at, chunk)
         queue.notify_room()
@@ -129,8 +140,8 @@ class Intake:
         self.spooled += count
         return segment, start, writer.size
 
-    def _keep(self, segment: int, events: list[Any]) -> None:
-        self.mem.append((segment, events))
+    def _keep(self, segment: int, events: list[Any], record: Record = None) -> None:
+        self.mem.append((segment, events, record))
         self.mem_events += len(events)
 
     def _spill(self, at: tuple[int, int, int], chunk: list[Event]) -> None:
@@ -158,8 +169,9 @@ class Intake:
             self.read_backlog()
             if not self.mem:
                 return None
-        segment, chunk = self.mem.popleft()
+        segment, chunk, record = self.mem.popleft()
         self.mem_events -= len(chunk)
+        self._handed.append(record)
         return segment, chunk
 
     def read_backlog(self) -> None:
@@ -180,10 +192,14 @@ class Intake:
                 self.error = f"spool segment {read.path} unreadable: {read.damage}"
                 self.backlog = (segment + 1, len(spool.MAGIC))
                 continue
+            start = read.begin
             for end, events in read.records:
-                # artifact records are handled by their jobs, which ran from memory
-                self._keep(segment, [e for e in events if not isinstance(e, spool.Artifact)])
-                self.backlog = (segment, end)
+                # artifact records are handled by their jobs, which ran from memory; markers
+                # are not events
+                kept = [e for e in events if not isinstance(e, _NOT_SENT)]
+                if kept:
+                    self._keep(segment, kept, (segment, start))
+                self.backlog, start = (segment, end), end
                 while self._backlog_barriers and self._backlog_barriers[0][0] <= (segment, end):
                     self._keep(segment, [self._backlog_barriers.popleft()[1]])
         if self.backlog is None:
@@ -197,6 +213,34 @@ class Intake:
                 self.writer.append(spool.done_record(job.run_id, job.spooled[0]))
 
     # ------------------------------------------------------------------ settling
+
+    def settled(self, chunks: int, now: bool) -> None:
+        """The first ``chunks`` chunks ever handed out are settled, but for their jobs (an
+        upload has its own marker, ``note_done``). Their records are marked in the spool
+        within ``MARK_INTERVAL``; ``now`` (a flush): before this returns."""
+        handed = self._handed
+        for _ in range(chunks - self._settled_chunks):
+            if not handed:
+                break
+            record = handed.popleft()
+            self._settled_chunks += 1
+            if record is not None:
+                self._marks.append(record)
+        self.write_marks(now)
+
+    def write_marks(self, now: bool = True) -> None:
+        """Append one marker record for the settled records of segments still on disk;
+        unless ``now``, only if ``MARK_INTERVAL`` has passed since the last one."""
+        if not self._marks or not (now or time.monotonic() - self._last_mark >= MARK_INTERVAL):
+            return
+        writer, marks = self.writer, self._marks
+        self._marks, self._last_mark = [], time.monotonic()
+        live = [m for m in marks if m[0] in writer.sizes] if writer is not None else []
+        if writer is None or not live:
+            return
+        # Lost (a full disk, the spool's limit): those events would only be sent again.
+        with contextlib.suppress(spool.SpoolError):
+            writer.append(spool.settled_record(live))
 
     def ack(self, segment: int, count: int) -> None:
         """``count`` events of ``segment`` are stored or reported."""
@@ -242,10 +286,12 @@ class Intake:
 
     def close(self) -> None:
         if self.writer is not None:
+            self.write_marks()
             with contextlib.suppress(OSError):
                 self.writer.close(empty=self.waiting == 0)
 
 
+_NOT_SENT = (spool.Artifact, spool.ArtifactDone, spool.Settled)
 _reported: set[str] = set()
 
 

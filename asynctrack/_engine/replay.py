@@ -3,14 +3,20 @@
 A dead writer's directory is read back as a :class:`SegmentSource` and fed to the same
 :class:`~asynctrack._engine.dispatcher.Dispatcher` the live worker uses (as neptune's sync
 reuses its queue), so batching, retries, splitting a refused request, params and tags in
-order and a run's end after its events follow the same rules. A segment is deleted once
-each of its events is stored or refused, so a sync cut short sends some again next time;
-harmless: the server ignores a metric stored twice, a param re-logged with its value, and
-an end goes only to a run the server still shows RUNNING.
+order and a run's end after its events follow the same rules. Records the writer marked
+settled (the server stored or refused all their events) are skipped, and finished uploads
+too. A segment is deleted once each of its events is stored or refused; a sync cut short
+marks what it settled the same way, so the next one sends only the rest (and what was in
+flight: harmless, the server ignores a metric stored twice, a param re-logged with its
+value, and an end goes only to a run the server still shows RUNNING).
 
 Replay holds the directory's lock while it works, so neither a live writer nor a second
 sync is raced. Each directory has a deadline of its own: a server that does not answer
 leaves its directories for the next sync, and every other directory is still recovered.
+Directories sent to a tracking server are replayed several at once (the 16 ranks of a job
+that crashed), each on a thread of its own; their requests to one server share the
+process's limiter for it (``limiter_for``), as the engines of one process do. Directories
+sent to a local store (sqlite takes one writer at a time) go one after the other.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import asyncio
 import contextlib
 import os
 import shutil
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,7 +43,7 @@ from asynctrack._engine.limiter import limiter_for
 from asynctrack._engine.retry import GaveUp, RetryPolicy
 from asynctrack._engine.stats import FileCounters
 from asynctrack._engine.status import DirStatus, Survey, status, survey, writer_dirs
-from asynctrack._engine.threads import DaemonPool
+from asynctrack._engine.threads import DaemonPool, run_each
 from asynctrack._engine.transport import (
     Refused,
     Transient,
@@ -52,6 +60,7 @@ __all__ = ["DirStatus", "SyncReport", "replay", "status"]
 T = TypeVar("T")
 _REQUEST_TIMEOUT = 30.0
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
+_AT_ONCE = 8  # directories replayed at once
 
 
 @dataclass
@@ -66,10 +75,18 @@ class SyncReport:
     ended_runs: list[str] = field(default_factory=list)  # no end spooled: ended with `status`
     open_runs: list[str] = field(default_factory=list)  # no end spooled, left RUNNING
     errors: list[str] = field(default_factory=list)
+    directories: list[str] = field(default_factory=list)  # one summary line each
 
     @property
     def ok(self) -> bool:
         return not (self.refused or self.left or self.damaged or self.errors)
+
+    def add(self, other: SyncReport) -> None:
+        self.stored += other.stored
+        self.left += other.left
+        for name in ("refused", "damaged", "skipped", "ended_runs", "open_runs", "errors"):
+            getattr(self, name).extend(getattr(other, name))
+        self.directories.extend(other.directories)
 
 
 def replay(
@@ -100,11 +117,25 @@ def replay(
         if not d.alive:  # a dead writer's segments only ever go away: reused if all there
             surveys[d.directory] = seen
     silent: set[str] = set()  # servers that did not answer in this sync: not waited for again
-    for d in found:
-        _Directory(d, report, status, tracking_uri, timeout, progress).replay(
-            surveys.get(d.directory), not_orphans, silent
-        )
+    if progress is not None:  # called from each directory's thread
+        progress = partial(_locked, threading.Lock(), progress)
+    dirs = [_Directory(d, SyncReport(), status, tracking_uri, timeout, progress) for d in found]
+    calls = {
+        one: partial(one.replay, surveys.get(one.found.directory), not_orphans, silent)
+        for one in dirs
+    }
+    for one in dirs:
+        if not one.served:
+            calls[one]()
+    run_each([calls[one] for one in dirs if one.served], _AT_ONCE, "asynctrack-sync")
+    for one in dirs:
+        report.add(one.report)
     return report
+
+
+def _locked(lock: threading.Lock, progress: Callable[[int], None], count: int) -> None:
+    with lock:
+        progress(count)
 
 
 class _Directory:
@@ -125,6 +156,9 @@ class _Directory:
         self.policy = RetryPolicy(first=0.25, maximum=15.0, patience=timeout)
         self.request_timeout = min(_REQUEST_TIMEOUT, max(timeout, 1.0))
         self.last_error = ""
+        uri = override or found.owner.get("tracking_uri")
+        #: sent to a server (replayed alongside others), not to a local store
+        self.served = isinstance(uri, str) and uri.startswith(("http://", "https://"))
 
     def replay(self, seen: Survey | None, not_orphans: set[str], silent: set[str]) -> None:
         where = self.found.directory
@@ -152,9 +186,10 @@ class _Directory:
                         f"{where}: left for later, its server {redact(uri)} did not answer; "
                         f"{seen.events} events stay in the spool for the next sync"
                     )
+                self._summary()
                 return
             transport = make_transport(uri, self.request_timeout)
-            source = SegmentSource(segments, seen.done, self.report)
+            source = SegmentSource(segments, seen.done, seen.settled, self.report)
             try:
                 # before any segment is deleted: a replay cut short must not forget them
                 self._end_orphans(transport, seen, not_orphans)
@@ -162,7 +197,7 @@ class _Directory:
             except GaveUp as exc:
                 silent.add(uri)
                 settled = self.ledger.sent + self.ledger.done + self.ledger.rejected
-                left = seen.events - settled - source.finished
+                left = seen.events - settled
                 self.report.left += left
                 self.report.errors.append(
                     f"{where}: left for later, its server {redact(uri)} did not answer in time "
@@ -170,11 +205,20 @@ class _Directory:
                     "next sync"
                 )
             finally:
-                self.report.stored += self.ledger.sent + self.ledger.done + source.finished
+                source.close()
+                self.report.stored += self.ledger.sent + self.ledger.done
                 self.report.refused.extend(self.ledger.take_rejections())
                 self.report.damaged.sort()  # segments settle in any order; report in theirs
+                self._summary()
             if not any(where.glob("*.seg")):
                 _remove_dir(where)
+
+    def _summary(self) -> None:
+        report = self.report
+        report.directories.append(
+            f"{self.found.directory.name}: stored {report.stored} events, refused "
+            f"{len(report.refused)}, {report.left} left"
+        )
 
     async def _dispatch(self, source: SegmentSource, transport: Transport, uri: str) -> None:
         # Metric batches of a run overlap against a server (it stores about twice as much
@@ -242,22 +286,31 @@ def _end_if_running(transport: Transport, run_id: str, status: str, end_time: in
 class SegmentSource:
     """A dead writer's segments, in order, as the dispatcher's source.
 
-    Each segment is read whole when the dispatcher reaches it; once all its events are
-    settled it is deleted (renamed ``.damaged`` if part of it could not be read), and the
-    staged uploads it named go with it.
+    Each segment is read whole when the dispatcher reaches it, less the records marked
+    settled; once all its events are settled it is deleted (renamed ``.damaged`` if part
+    of it could not be read), and the staged uploads it named go with it. What settled in
+    a segment that stays (the sync was cut short) is marked in it at ``close``.
     """
 
-    def __init__(self, segments: list[Path], finished: set[str], report: SyncReport) -> None:
+    def __init__(
+        self,
+        segments: list[Path],
+        finished: set[str],
+        settled: set[tuple[int, int]],
+        report: SyncReport,
+    ) -> None:
         self._segments, self._finished, self._report = segments, finished, report
+        self._skip = settled  # (segment, record start) the writer marked settled
         self._next = 0
-        self._records: list[list[Any]] = []
-        self._current: tuple[int, spool.Segment] | None = None
+        self._records: deque[tuple[list[Any], tuple[int, int]]] = deque()
         self._outstanding: dict[int, int] = {}
         self._read: dict[int, spool.Segment] = {}
         self._uploaded: dict[int, list[str]] = {}
         self.end_times: dict[str, int] = {}  # run -> its end time, when its end was read
         self._last_metric: dict[str, float] = {}
-        self.finished = 0  # uploads the writer finished itself: settled already
+        self._handed: deque[tuple[int, int]] = deque()  # (index + 1, start) of chunks out
+        self._settled_chunks = 0
+        self._marks: dict[int, list[int]] = {}  # index + 1 -> starts of records settled
 
     def next_chunk(self) -> tuple[int, list[Any]] | None:
         while not self._records:
@@ -265,7 +318,9 @@ class SegmentSource:
                 return None
             self._open(self._next)
             self._next += 1
-        return self._next, self._records.pop(0)
+        chunk, record = self._records.popleft()
+        self._handed.append(record)
+        return self._next, chunk
 
     def _open(self, index: int) -> None:
         path, number = self._segments[index], index + 1
@@ -277,33 +332,58 @@ class SegmentSource:
             return
         self._read[number] = segment
         count = 0
-        for _, events in segment.records:
-            chunk = [e for e in map(partial(self._event, mtime), events) if e is not None]
+        for start, events in segment.spans():
+            event = partial(self._event, mtime, (segment.number, start) in self._skip)
+            chunk = [e for e in map(event, events) if e is not None]
             count += len(chunk)
             if chunk:
-                self._records.append(chunk)
+                self._records.append((chunk, (number, start)))
         self._outstanding[number] = count
         if not count:
             self._settled(number)
 
-    def _event(self, mtime: float, event: Any) -> Any:
+    def _event(self, mtime: float, skip: bool, event: Any) -> Any:
         if type(event) is tuple:
             when = to_seconds(event[3])
             self._last_metric[event[0]] = max(self._last_metric.get(event[0], 0), when)
-            return event
-        if isinstance(event, spool.ArtifactDone):
+            return None if skip else event
+        if isinstance(event, (spool.ArtifactDone, spool.Settled)):
             return None  # a marker, not an event
-        if isinstance(event, (spool.Artifact, spool.Model)):
+        if isinstance(event, (spool.Artifact, spool.Model)):  # settled by their own marker
             if event.path in self._finished:  # its writer stored or reported it
-                self.finished += 1
                 return None
             return _upload_job(event) if isinstance(event, spool.Artifact) else _model_job(event)
+        if skip:
+            return None
         if isinstance(event, MetaEvent) and event.kind == "end":
             # the end was written before the segment's last write, and usually just after
             # the run's last metric
             when = min(self._last_metric.get(event.run_id, mtime), mtime)
             self.end_times[event.run_id] = int(when * 1000)
         return event
+
+    def settled(self, chunks: int, now: bool) -> None:
+        for _ in range(chunks - self._settled_chunks):
+            if not self._handed:
+                break
+            number, start = self._handed.popleft()
+            self._settled_chunks += 1
+            self._marks.setdefault(number, []).append(start)
+
+    def close(self) -> None:
+        """Mark what settled in each segment that stays (the segment's mtime kept: it
+        stands for when the writer died)."""
+        for number, starts in self._marks.items():
+            segment = self._read.get(number)
+            if segment is None or segment.damage:  # deleted, or markers would not be read
+                continue
+            path = segment.path
+            with contextlib.suppress(OSError):
+                before = path.stat()
+                with open(path, "ab") as file:
+                    file.write(spool.settled_record((segment.number, s) for s in starts))
+                os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        self._marks.clear()
 
     def ack(self, segment: int, count: int) -> None:
         left = self._outstanding[segment] = self._outstanding.get(segment, 0) - count

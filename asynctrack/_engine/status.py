@@ -31,17 +31,21 @@ class Survey:
     """A directory read once before anything is sent."""
 
     paths: list[Path]
-    events: int = 0
-    runs: set[str] = field(default_factory=set)
+    events: int = 0  # what the server does not have: settled records and finished uploads left out
+    runs: set[str] = field(default_factory=set)  # every run named, settled records too
     ended: set[str] = field(default_factory=set)
     oldest: float | None = None
     damage: list[str] = field(default_factory=list)
     mtimes: list[float] = field(default_factory=list)
     done: set[str] = field(default_factory=set)  # uploads their writer finished
+    settled: set[tuple[int, int]] = field(default_factory=set)  # (segment, record start)
 
 
 def survey(paths: list[Path], writing: bool = False) -> Survey:
     found = Survey(paths)
+    # Markers may come after the records they name (in a later segment): count at the end.
+    records: list[tuple[int, int, int, float | None]] = []  # segment, start, events, oldest
+    uploads: list[str] = []
     for path in paths:
         try:
             found.mtimes.append(path.stat().st_mtime)
@@ -50,24 +54,38 @@ def survey(paths: list[Path], writing: bool = False) -> Survey:
             if not isinstance(exc, FileNotFoundError):  # else a live writer just dropped it
                 found.damage.append(f"{path.name}: cannot read: {exc.strerror or exc}")
             continue
-        for _, events in segment.records:
+        for start, events in segment.spans():
+            count, oldest = 0, None
             for event in events:
-                if isinstance(event, spool.ArtifactDone):  # a marker, not an event
-                    found.done.add(event.path)
-                    continue
-                found.events += 1
                 if type(event) is tuple:
+                    count += 1
                     found.runs.add(event[0])
                     when = to_seconds(event[3])
-                    if found.oldest is None or when < found.oldest:
-                        found.oldest = when
+                    if oldest is None or when < oldest:
+                        oldest = when
+                elif isinstance(event, spool.Settled):  # markers, not events
+                    found.settled.update((event.segment, o) for o in event.offsets)
+                elif isinstance(event, spool.ArtifactDone):
+                    found.done.add(event.path)
+                elif isinstance(event, (spool.Artifact, spool.Model)):  # settled by its own marker
+                    found.runs.add(event.run_id)
+                    uploads.append(event.path)
                 else:
+                    count += 1
                     found.runs.add(event.run_id)
                     if isinstance(event, MetaEvent) and event.kind == "end":
                         found.ended.add(event.run_id)
+            if count:
+                records.append((segment.number, start, count, oldest))
         # a live writer's last record may be half written: not damage
         if segment.damage and not (writing and path == paths[-1]):
             found.damage.append(f"{path.name}: {segment.damage} ({segment.lost_bytes} bytes lost)")
+    for number, start, count, oldest in records:
+        if (number, start) not in found.settled:
+            found.events += count
+            if oldest is not None and (found.oldest is None or oldest < found.oldest):
+                found.oldest = oldest
+    found.events += sum(1 for path in uploads if path not in found.done)
     return found
 
 

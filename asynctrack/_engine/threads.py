@@ -15,7 +15,7 @@ import concurrent.futures
 import contextlib
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -134,3 +134,36 @@ class DaemonExecutor(concurrent.futures.ThreadPoolExecutor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         return None  # daemon threads: nothing to join
+
+
+def run_each(calls: Sequence[Callable[[], None]], at_once: int, name: str) -> None:
+    """Run ``calls`` on up to ``at_once`` daemon threads and return once all have returned;
+    raise the first exception one raised. For ``asynctrack sync``: one dead process's
+    directory a call. Daemon threads, so Ctrl-C in the caller's thread (a join is
+    interrupted by it) is not held up by a directory whose server does not answer."""
+    pending: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+    for call in calls:
+        pending.put(call)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while True:
+            try:
+                call = pending.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                call()
+            except BaseException as exc:  # raised in the caller's thread below
+                errors.append(exc)
+
+    threads = [
+        threading.Thread(target=work, name=f"{name}-{i}", daemon=True)
+        for i in range(min(at_once, len(calls)))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]

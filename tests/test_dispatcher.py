@@ -22,6 +22,7 @@ from asynctrack._engine.dispatcher import Dispatcher
 from asynctrack._engine.events import Barrier, Job, MetaEvent, Metric
 from asynctrack._engine.jobs import JobContext, Resources
 from asynctrack._engine.ledger import Ledger
+from asynctrack._engine.limiter import Outcome
 from asynctrack._engine.retry import GaveUp, RetryPolicy
 from asynctrack._engine.stats import FileCounters
 from asynctrack._engine.transport import KeyValue, Refused, Transient
@@ -98,6 +99,8 @@ class FakeTransport:
         self.stored: list[Call] = []
         self.ends: list[tuple[str, str]] = []
         self.log: list[str] = []  # "batch <run>" and "end <run>", in the order they are stored
+        self.held_tags: dict[str, dict[str, str]] = {}  # run -> tags, as the server holds them
+        self.reads = 0
         self.inside = self.most_inside = 0
         self._changed = threading.Condition()
 
@@ -124,6 +127,7 @@ class FakeTransport:
                     raise Refused("INVALID_PARAMETER_VALUE: bad key", splittable=not self.whole)
                 self.stored.append(call)
                 self.log.append(f"batch {run_id}")
+                self.held_tags.setdefault(run_id, {}).update(call.tags)
         finally:
             with self._changed:
                 self.inside -= 1
@@ -138,6 +142,12 @@ class FakeTransport:
 
     def run_status(self, run_id: str) -> str:
         return "RUNNING"
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        with self._changed:
+            self.reads += 1
+            self.log.append(f"read {run_id}")
+            return dict(self.held_tags.get(run_id, {}))
 
     async def until_inside(self, count: int) -> None:
         def wait() -> None:
@@ -312,6 +322,92 @@ async def test_a_runs_tags_over_many_requests_are_sent_one_request_at_a_time_in_
     assert transport.most_inside == 1  # one lane per run: never two requests at once
     sent = [kv for c in transport.stored for kv in c.tags]
     assert sent == [(f"t{i}", str(i)) for i in range(250)] + [("t0", "last")]
+
+
+class Ghosting(FakeTransport):
+    """The first request carrying the tag ``key`` gets no answer in time, yet the server
+    has it: it is kept aside, to reach the server's state when the test calls ``land``."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
+        self.ghosts: list[Call] = []
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[Metric],
+        params: Sequence[KeyValue],
+        tags: Sequence[KeyValue],
+    ) -> None:
+        if not self.ghosts and any(k == self.key for k, _ in tags):
+            self.ghosts.append(Call(run_id, list(metrics), list(params), list(tags)))
+            raise Transient("TimeoutError: timed out", outcome=Outcome.TIMEOUT)
+        super().log_batch(run_id, metrics, params, tags)
+
+    def land(self) -> None:
+        with self._changed:
+            for call in self.ghosts:
+                self.held_tags.setdefault(call.run_id, {}).update(call.tags)
+                self.log.append(f"ghost {call.run_id}")
+
+
+async def test_a_tag_overwritten_by_its_late_first_attempt_is_set_again_before_the_run_ends(
+    make: Callable[..., Dispatcher],
+) -> None:
+    ledger, source, transport = Ledger(), ListSource(), Ghosting("stage")
+    dispatcher = make(source, transport, ledger)
+    ledger.took(7)
+    source.chunks.append((1, [tag("a", "stage", "old"), tag("a", "owner", "ml")]))
+    await deliver(dispatcher)  # the first attempt times out; the retry is stored
+    source.chunks.append((1, [tag("a", "stage", "new"), tag("b", "stage", "b1")]))
+    source.chunks.append((1, [param("a", "lr", "0.1")]))
+    await deliver(dispatcher)
+    transport.land()  # the first attempt reaches the server only now: stage=old again
+    del transport.held_tags["a"]["owner"]  # deleted by the user (MLflow's delete_tag)
+    transport.held_tags["a"]["other"] = "x"  # set by someone else: not this process's
+    source.chunks.append((1, [end("a"), end("b")]))
+    await deliver(dispatcher)
+    assert transport.held_tags == {"a": {"stage": "new", "other": "x"}, "b": {"stage": "b1"}}
+    assert transport.log[-4:] == ["read a", "batch a", "end a", "end b"]
+    assert transport.stored[-1].tags == [("stage", "new")]
+    assert transport.reads == 1  # run b never had a failed attempt: nothing read for it
+    assert (ledger.sent, ledger.done, ledger.held, ledger.rejected) == (5, 2, 0, 0)
+
+
+async def test_a_flush_sets_a_late_overwritten_tag_again_and_the_run_end_checks_once_more(
+    make: Callable[..., Dispatcher],
+) -> None:
+    source, transport = ListSource(), Ghosting("stage")
+    dispatcher = make(source, transport)
+    source.chunks.append((1, [tag("a", "stage", "old")]))
+    await deliver(dispatcher)
+    source.chunks.append((1, [tag("a", "stage", "new")]))
+    await deliver(dispatcher)
+    transport.land()
+    barrier = Barrier()
+    source.chunks.append((1, [barrier]))
+    await deliver(dispatcher)
+    assert barrier.future.done()
+    assert transport.held_tags["a"] == {"stage": "new"}
+    transport.land()  # a copy held even longer (a second proxy, say)
+    source.chunks.append((1, [end("a")]))
+    await deliver(dispatcher)
+    assert transport.held_tags["a"] == {"stage": "new"}
+    assert transport.reads == 2
+    assert transport.log[-3:] == ["read a", "batch a", "end a"]
+
+
+async def test_a_run_whose_tags_never_failed_ends_without_a_read(
+    make: Callable[..., Dispatcher],
+) -> None:
+    source, transport = ListSource([(1, [metric("a", 0)])]), FakeTransport(transient=2)
+    dispatcher = make(source, transport)
+    await deliver(dispatcher)  # two failed attempts, of metrics only (idempotent)
+    source.chunks.append((1, [tag("a", "t", "v"), Barrier(), end("a")]))
+    await deliver(dispatcher)
+    assert transport.reads == 0
+    assert transport.log == ["batch a", "batch a", "end a"]
 
 
 # ---------------------------------------------------------------------------- refusals

@@ -35,6 +35,9 @@ class Recorder:
     def run_status(self, run_id: str) -> str:
         return "RUNNING"
 
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return {}
+
 
 def test_the_worker_lives_through_quiet_polls() -> None:
     transport = Recorder()

@@ -13,7 +13,10 @@ process's spool segments) and turns them into requests:
   ``set_tag`` wins; repeats folded into one request count as stored;
 - a run's end, a flush barrier and a job wait for everything before them;
 - transient failures are retried (``RetryPolicy``); a refused request is split in half
-  until the events at fault are alone, and those are refused, named by run and key.
+  until the events at fault are alone, and those are refused, named by run and key;
+- a failed attempt of a tags request may still reach the server after its retry, and
+  after newer values of its tags ("ghosts"): the keys are remembered, and before the run
+  ends (and at a flush) the run's tags are read back and any stale ghosted one set again.
 
 Every event taken is settled exactly once: stored or refused, in the :class:`Ledger`, and
 acknowledged to its source, which may then forget it (a spool segment is deleted).
@@ -37,7 +40,7 @@ from asynctrack._engine.ledger import Ledger
 from asynctrack._engine.limiter import Limiter, Outcome
 from asynctrack._engine.retry import GaveUp, RetryPolicy
 from asynctrack._engine.threads import DaemonPool
-from asynctrack._engine.transport import Refused, Transient, Transport
+from asynctrack._engine.transport import KeyValue, Refused, Transient, Transport
 from asynctrack.errors import Rejection
 
 logger = logging.getLogger("asynctrack")
@@ -87,6 +90,9 @@ class Dispatcher:
         self._meta_since: dict[str, int] = {}
         self._requests: dict[asyncio.Task[None], int] = {}
         self._failure: BaseException | None = None  # a send that gave up (sync's deadline)
+        # run -> tag key -> the last value stored by this process (None: not stored yet),
+        # for the keys of meta requests with a failed attempt that may still land
+        self._ghosts: dict[str, dict[str, str | None]] = {}
 
     @property
     def partial(self) -> int:
@@ -138,6 +144,8 @@ class Dispatcher:
             task.add_done_callback(self._job_tasks.discard)
         elif isinstance(event, Barrier):
             await self.settle()
+            for run_id in list(self._ghosts):  # kept: a ghost may come later still
+                await self._lay_ghosts(run_id)
             # everything before it is settled: its chunk too if nothing follows it there
             self._report(self._chunks + (event is self._last), now=True)
             event.future.set_result(None)
@@ -224,9 +232,12 @@ class Dispatcher:
         params = [(e.key, e.value) for e in events if e.kind == "param"]
         tags = [(e.key, e.value) for e in events if e.kind == "tag"]
         call = self._blocking(lambda: self._transport.log_batch(run_id, (), params, tags))
-        refused = await self._attempt(len(events), call)
+        refused = await self._attempt(len(events), call, lambda: self._haunt(run_id, tags))
         if refused is None:
             self._stored(len(events), segment)
+            ghosts = self._ghosts.get(run_id)
+            if ghosts:  # the normal path stops here: no run has ghosts
+                ghosts.update((k, v) for k, v in tags if k in ghosts)
         elif refused.splittable and len(events) > 1:
             half = len(events) // 2
             await self._send_meta_in_lane(run_id, events[:half], segment)
@@ -235,8 +246,42 @@ class Dispatcher:
             reason = refused.reason
             self._refuse([Rejection(run_id, e.kind, e.key, reason) for e in events], segment)
 
+    def _haunt(self, run_id: str, tags: Sequence[KeyValue]) -> None:
+        """An attempt to store ``tags`` failed, so it may land yet, at any later time:
+        unanswered, dropped, or answered with an error by a proxy the request went through."""
+        if tags:
+            ghosts = self._ghosts.setdefault(run_id, {})
+            for key, _ in tags:
+                ghosts.setdefault(key, None)
+
+    async def _lay_ghosts(self, run_id: str) -> None:
+        """Set again every ghosted tag the server holds with a value other than the last one
+        this process stored (a late first attempt overwrote it)."""
+        ghosts = self._ghosts[run_id]
+        held: dict[str, str] = {}
+
+        def read() -> None:
+            held.update(self._transport.run_tags(run_id))
+
+        if await self._attempt(0, self._blocking(read)) is not None:
+            return  # the run is gone, say: its end (or nothing) reports that
+        stale = [(k, v) for k, v in ghosts.items() if v is not None and k in held and held[k] != v]
+        if stale:
+            logger.info(
+                "asynctrack: %d tag(s) of run %s overwritten late; set again", len(stale), run_id
+            )
+            call = self._blocking(lambda: self._transport.log_batch(run_id, (), (), stale))
+            refused = await self._attempt(0, call, lambda: self._haunt(run_id, stale))
+            if refused is not None:
+                logger.warning(
+                    "asynctrack: run %s: stale tags not set again: %s", run_id, refused.reason
+                )
+
     async def _end_run(self, event: MetaEvent, segment: int) -> None:
         run_id, status = event.run_id, event.value
+        if run_id in self._ghosts:
+            await self._lay_ghosts(run_id)
+            del self._ghosts[run_id]
         call = self._blocking(lambda: self._transport.end_run(run_id, status, now_ms()))
         refused = await self._attempt(1, call)
         self._lanes.pop(run_id, None)
@@ -249,7 +294,12 @@ class Dispatcher:
     def _blocking(self, fn: Callable[[], None]) -> Callable[[], Awaitable[None]]:
         return lambda: self._senders.run(fn)
 
-    async def _attempt(self, count: int, call: Callable[[], Awaitable[None]]) -> Refused | None:
+    async def _attempt(
+        self,
+        count: int,
+        call: Callable[[], Awaitable[None]],
+        on_transient: Callable[[], None] | None = None,
+    ) -> Refused | None:
         async def counted() -> None:
             token = None if self._limiter is None else await self._limiter.acquire()
             outcome, retry_after = Outcome.OK, None  # a refusal is an answer like any other
@@ -266,6 +316,8 @@ class Dispatcher:
 
         def retrying(exc: Transient) -> None:
             self._ledger.retrying(count, str(exc))
+            if on_transient is not None:
+                on_transient()
 
         result = await self._policy.attempt(counted, retrying)
         return result if isinstance(result, Refused) else None

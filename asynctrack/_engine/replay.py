@@ -424,6 +424,7 @@ class _ReplayTransport:
         self._inner, self._source = inner, source
         self.log_batch = inner.log_batch
         self.run_status = inner.run_status
+        self.run_tags = inner.run_tags
 
     def end_run(self, run_id: str, status: str, end_time: int) -> None:
         _end_if_running(self._inner, run_id, status, self._source.end_times.get(run_id, end_time))

@@ -1,8 +1,9 @@
 """How batches reach the tracking store, and how its answers are sorted.
 
-Two transports with one contract: ``log_batch``, ``end_run`` and ``run_status`` either
-return, raise :class:`Transient` (retry later: the server is down, overloaded or slow) or
-raise :class:`Refused` (the server said no; retrying the same request cannot help).
+Two transports with one contract: ``log_batch``, ``end_run``, ``run_status`` and
+``run_tags`` either return, raise :class:`Transient` (retry later: the server is down,
+overloaded or slow) or raise :class:`Refused` (the server said no; retrying the same
+request cannot help).
 :func:`check_answer` and :func:`sort_mlflow_error` are the one place where an answer is
 judged, for the live worker, ``asynctrack sync`` and the artifact uploads alike.
 
@@ -89,6 +90,8 @@ class Transport(Protocol):
     def end_run(self, run_id: str, status: str, end_time: int) -> None: ...
 
     def run_status(self, run_id: str) -> str: ...
+
+    def run_tags(self, run_id: str) -> dict[str, str]: ...
 
 
 def outcome_of(status: int, text: str = "") -> Outcome:
@@ -232,7 +235,7 @@ class RestTransport:
             raise Transient(short(str(exc))) from None
         return response.status_code, response.text
 
-    def run_status(self, run_id: str) -> str:
+    def _get_run(self, run_id: str) -> dict[str, Any]:
         from mlflow.exceptions import MlflowException
         from mlflow.utils.rest_utils import http_request
 
@@ -245,7 +248,15 @@ class RestTransport:
         except MlflowException as exc:
             raise Transient(short(str(exc))) from None
         check_answer(response.status_code, response.text)
-        return str(response.json()["run"]["info"]["status"])
+        run: dict[str, Any] = response.json()["run"]
+        return run
+
+    def run_status(self, run_id: str) -> str:
+        return str(self._get_run(run_id)["info"]["status"])
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        tags = self._get_run(run_id).get("data", {}).get("tags", [])
+        return {str(t["key"]): str(t.get("value", "")) for t in tags}
 
     def log_batch(
         self,
@@ -301,6 +312,9 @@ class StoreTransport:
 
     def run_status(self, run_id: str) -> str:
         return str(self._call(self._client.get_run, run_id).info.status)
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return dict(self._call(self._client.get_run, run_id).data.tags)
 
 
 def make_transport(tracking_uri: str, request_timeout: float) -> Transport:

@@ -60,9 +60,21 @@ async def test_starts_small_and_grows_to_max_while_latency_holds(clock: FakeCloc
     for _ in range(12):
         await round_trip(limiter, clock, 0.1)
         seen.append(limiter.limit)
-    assert seen == sorted(seen)  # additive: one more per full round
-    assert seen[:3] == [3, 4, 5]
+    assert seen[:3] == [4, 8, 10]  # slow start: doubling per round
     assert seen[-1] == 10  # and never beyond max
+
+
+async def test_after_the_first_push_back_grows_by_one_per_round(clock: FakeClock) -> None:
+    limiter = make(clock, max_limit=16)
+    for _ in range(3):
+        await round_trip(limiter, clock, 0.1)
+    assert limiter.limit == 16
+    await round_trip(limiter, clock, 0.1, outcome_of(503))
+    seen = [limiter.limit]
+    for _ in range(3):
+        await round_trip(limiter, clock, 0.1)
+        seen.append(limiter.limit)
+    assert seen == [8, 9, 10, 11]  # additive from here on
 
 
 async def test_an_idle_sender_does_not_grow(clock: FakeClock) -> None:

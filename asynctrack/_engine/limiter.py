@@ -5,8 +5,9 @@ about twice as much with 4 calls in flight as with 1) or too much for 16 process
 (64 requests against a server with 4 workers wait for database connections, time out, and
 are sent again). So the number adapts, AIMD as in TCP and Netflix's concurrency-limits:
 
-- it starts at ``initial`` (2), and grows by one per full window of answers (``1/limit``
-  per answer) while the server answers about as fast as usual and the slots are in use;
+- it starts at ``initial`` (2) and, while the server answers about as fast as usual and
+  the slots are in use, grows by one per answer until the server first pushes back (slow
+  start, doubling per round), then by one per full window of answers (``1/limit`` each);
 - it shrinks to ``0.9x`` when answers get slower (the recent average beyond ``tolerance`` x
   the usual, so a server queueing requests is noticed before it times out), and halves on a
   timeout or an overload answer (429, 5xx, MLflow's "QueuePool limit" 400);
@@ -225,7 +226,10 @@ class Limiter:
                 if fresh:
                     self._decrease(SLOWER, now)
             elif token.busy or self._in_flight * 2 >= self.limit:
-                self._limit = min(self.max_limit, self._limit + 1 / self.limit)
+                # Slow start, as TCP's: until the server first pushes back, one more slot
+                # per answer (doubling per round), so a short job gets going at once.
+                step = 1.0 if self._last_decrease == -float("inf") else 1 / self.limit
+                self._limit = min(self.max_limit, self._limit + step)
         elif outcome in (Outcome.OVERLOAD, Outcome.TIMEOUT) and fresh:
             self._decrease(OVERLOAD, now)
 

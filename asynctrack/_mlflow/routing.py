@@ -111,6 +111,9 @@ def after(s: sink.RunSink, synchronous: bool | None, value: Any) -> Any:
     the server refused); ``False`` returns an operation to ``.wait()`` on; ``None`` (the
     default) queues and returns what MLflow's default mode returns."""
     if synchronous is None:
+        # the usual case, inline: the variable is not set at all
+        if _environ is not None and _async_key not in _environ:
+            return value
         if not default_async():
             return value
     elif synchronous:

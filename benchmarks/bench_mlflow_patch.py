@@ -143,13 +143,14 @@ def bench_training_loop(server_pid: int, results: dict[str, float]) -> None:
 def bench_lightning(server_pid: int) -> None:
     """Steps/s of a tiny CPU model logging every step (2 metrics: ``loss``, ``epoch``).
 
-    The configurations take turns, round after round (median of rounds), so a load that
-    comes and goes hits them alike; the server is pinned to its own core, as in the
-    training loop. Controls: a logger that does nothing (Lightning's own cost of any
-    logger), ``CSVLogger``, and ``MLFlowLogger`` whose ``log_batch`` does nothing (what
-    Lightning's and MLflow's own work costs: creating the run, ending it, the ``Metric``
-    entities, before any metric is sent). "Steady" counts steps 100 to the end only;
-    "fit" is the whole ``Trainer.fit``, with the run's creation and end.
+    The configurations take turns, round after round, each round starting with the next
+    one (median of rounds), so a load that comes and goes hits them alike; the server is
+    pinned to its own core, as in the training loop. Controls: a logger that does nothing
+    (Lightning's own cost of any logger), ``CSVLogger``, and ``MLFlowLogger`` whose
+    ``log_batch`` does nothing (what Lightning's and MLflow's own work costs: creating the
+    run, ending it, the ``Metric`` entities, before any metric is sent). "Steady" counts
+    steps 100 to the end only; "fit" is the whole ``Trainer.fit``, with the run's creation
+    and end.
     """
     # Modules as values (typed Any), so the script type-checks without PyTorch installed.
     L: Any = importlib.import_module("lightning")
@@ -240,8 +241,12 @@ def bench_lightning(server_pid: int) -> None:
     load = os.getloadavg()
     with _pinned(server_pid, True):
         fit(False)  # warm up
-        for _ in range(5):
-            for name, make in variants.items():
+        names = list(variants)
+        for round_ in range(5):
+            # each round starts with another configuration: what follows a run's end (the
+            # server settling) falls on each in turn
+            for name in names[round_:] + names[:round_]:
+                make = variants[name]
                 patching = asynctrack.patch_mlflow(quiet=True) if "patched" in name else None
                 with patching or contextlib.nullcontext():
                     measured[name].append(fit(make()))

@@ -1,11 +1,11 @@
 """MLflow's own API under ``asynctrack.patch_mlflow()``, against plain MLflow, one server.
 
-Run by hand: ``python benchmarks/bench_mlflow_patch.py [--lightning]``. It starts an MLflow
-server (sqlite store, 4 uvicorn workers as MLflow's default) on 127.0.0.1, measures,
-prints a table, stops it. Caller costs are measured as ``bench_core.py`` measures them
-(wall time of a tight loop over the calls, the worker running, median of rounds); the
-training-like loop's slowdown with the server pinned to its own core, so what is left is
-the client's own cost.
+Run by hand: ``python benchmarks/bench_mlflow_patch.py [--lightning | --lightning-only]``.
+It starts an MLflow server (sqlite store, 4 uvicorn workers as MLflow's default) on
+127.0.0.1, measures, prints a table, stops it. Caller costs are measured as
+``bench_core.py`` measures them (wall time of a tight loop over the calls, the worker
+running, median of rounds); the training-like loop's slowdown with the server pinned to
+its own core, so what is left is the client's own cost.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -139,13 +140,22 @@ def bench_training_loop(server_pid: int, results: dict[str, float]) -> None:
         results["training loop step ms (no logging)"] = b / 3000 * 1e3
 
 
-def bench_lightning(results: dict[str, float]) -> None:
-    """Steps/s of a tiny CPU model logging every step: no logger, MLFlowLogger plain,
-    ``synchronous=False``, and patched."""
+def bench_lightning(server_pid: int) -> None:
+    """Steps/s of a tiny CPU model logging every step (2 metrics: ``loss``, ``epoch``).
+
+    The configurations take turns, round after round, each round starting with the next
+    one (median of rounds), so a load that comes and goes hits them alike; the server is
+    pinned to its own core, as in the training loop. Controls: a logger that does nothing
+    (Lightning's own cost of any logger), ``CSVLogger``, and ``MLFlowLogger`` whose
+    ``log_batch`` does nothing (what Lightning's and MLflow's own work costs: creating the
+    run, ending it, the ``Metric`` entities, before any metric is sent). "Steady" counts
+    steps 100 to the end only; "fit" is the whole ``Trainer.fit``, with the run's creation
+    and end.
+    """
     # Modules as values (typed Any), so the script type-checks without PyTorch installed.
     L: Any = importlib.import_module("lightning")
     torch: Any = importlib.import_module("torch")
-    MLFlowLogger = importlib.import_module("lightning.pytorch.loggers").MLFlowLogger
+    loggers: Any = importlib.import_module("lightning.pytorch.loggers")
 
     torch.set_num_threads(1)
 
@@ -163,38 +173,102 @@ def bench_lightning(results: dict[str, float]) -> None:
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
-    data = torch.utils.data.TensorDataset(torch.randn(4096, 32), torch.randn(4096, 1))
-    steps = 1024
+    class NoOpLogger(loggers.Logger):  # type: ignore[misc]
+        name, version = "noop", 0
 
-    def fit(logger: Any) -> float:
-        loader = torch.utils.data.DataLoader(data, batch_size=4)
+        def log_metrics(self, metrics: Any, step: Any = None) -> None:
+            pass
+
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    class Clock(L.Callback):  # type: ignore[misc]
+        def __init__(self, steps: int) -> None:
+            self.steps, self.marks = steps, {}
+
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            self.marks["train"] = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_step in (100, self.steps):
+                self.marks[trainer.global_step] = time.perf_counter()
+
+    data = torch.utils.data.TensorDataset(torch.randn(8192, 32), torch.randn(8192, 1))
+
+    def fit(logger: Any, steps: int = 1024) -> dict[str, float]:
+        clock = Clock(steps)
         trainer = L.Trainer(
             max_steps=steps, logger=logger, log_every_n_steps=1, enable_progress_bar=False,
             enable_checkpointing=False, enable_model_summary=False, accelerator="cpu",
+            callbacks=[clock],
         )  # fmt: skip
         start = time.perf_counter()
-        trainer.fit(Tiny(), loader)
-        return steps / (time.perf_counter() - start)
+        trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=4))
+        end, m = time.perf_counter(), clock.marks
+        return {
+            "fit": steps / (end - start),
+            "steady": (steps - 100) / (m[steps] - m[100]),
+            "start ms": (m["train"] - start) * 1e3,
+            "end ms": (end - m[steps]) * 1e3,
+        }
 
     uri = mlflow.get_tracking_uri()
-    fit(False)  # warm up
-    results["lightning steps/s, no logger"] = fit(False)
-    # Lightning's own work for a logger that logs every step (moving and reducing the
-    # logged values), with a logger that only appends to a local CSV file:
-    csv_logger = importlib.import_module("lightning.pytorch.loggers").CSVLogger
-    with tempfile.TemporaryDirectory() as csv_dir:
-        results["lightning steps/s, CSVLogger (local file, reference)"] = fit(csv_logger(csv_dir))
-    results["lightning steps/s, MLFlowLogger"] = fit(
-        MLFlowLogger("bench-lightning", tracking_uri=uri)
+
+    def mlflow_logger(**kwargs: Any) -> Any:
+        return loggers.MLFlowLogger("bench-lightning", tracking_uri=uri, **kwargs)
+
+    class NotSending(loggers.MLFlowLogger):  # type: ignore[misc]
+        """Creates and ends its run in ``fit`` as MLFlowLogger does; sends no metric."""
+
+        @property
+        def experiment(self) -> Any:
+            client = super().experiment
+            client.log_batch = lambda *args, **kwargs: None  # this client only
+            return client
+
+    def not_sending() -> Any:
+        return NotSending("bench-lightning", tracking_uri=uri)
+
+    csv_dir = tempfile.mkdtemp()
+    variants: dict[str, Callable[[], Any]] = {
+        "no logger": lambda: False,
+        "no-op Logger": NoOpLogger,
+        "CSVLogger": lambda: loggers.CSVLogger(csv_dir),
+        "MLFlowLogger, log_batch a no-op": not_sending,
+        "MLFlowLogger patched": mlflow_logger,
+    }
+    measured: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    load = os.getloadavg()
+    with _pinned(server_pid, True):
+        fit(False)  # warm up
+        names = list(variants)
+        for round_ in range(5):
+            # each round starts with another configuration: what follows a run's end (the
+            # server settling) falls on each in turn
+            for name in names[round_:] + names[:round_]:
+                make = variants[name]
+                patching = asynctrack.patch_mlflow(quiet=True) if "patched" in name else None
+                with patching or contextlib.nullcontext():
+                    measured[name].append(fit(make()))
+        # Plain MLflow once each, after the others: far slower, and MLflow's async
+        # logging leaves its threads behind.
+        measured["MLFlowLogger plain"] = [fit(mlflow_logger(), steps=200)]
+        measured["MLFlowLogger(synchronous=False)"] = [
+            fit(mlflow_logger(synchronous=False), steps=400)
+        ]
+    shutil.rmtree(csv_dir, ignore_errors=True)
+    base = {k: statistics.median(r[k] for r in measured["no logger"]) for k in ("fit", "steady")}
+    print(
+        f"Lightning, steps/s (median of 5 rounds, configurations interleaved); "
+        f"load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
     )
-    results["lightning steps/s, MLFlowLogger(synchronous=False)"] = fit(
-        MLFlowLogger("bench-lightning", tracking_uri=uri, synchronous=False)
-    )
-    with asynctrack.patch_mlflow(quiet=True):
-        results["lightning steps/s, MLFlowLogger patched"] = fit(
-            MLFlowLogger("bench-lightning", tracking_uri=uri)
+    print(f"{'':34}{'fit':>8}{'%':>6}{'steady':>8}{'%':>6}{'start ms':>10}{'end ms':>9}")
+    for name, runs in measured.items():
+        m = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        print(
+            f"{name:34}{m['fit']:8.1f}{m['fit'] / base['fit'] * 100:6.1f}{m['steady']:8.1f}"
+            f"{m['steady'] / base['steady'] * 100:6.1f}{m['start ms']:10.1f}{m['end ms']:9.1f}"
         )
-        asynctrack.flush(600)
 
 
 def main() -> None:
@@ -205,12 +279,13 @@ def main() -> None:
         mlflow.set_tracking_uri(server.url)
         mlflow.set_experiment("bench-mlflow-patch")
         assert server.pid is not None
-        bench_fluent(results)
-        bench_log_batch(results)
-        bench_training_loop(server.pid, results)
-        if "--lightning" in sys.argv:
-            bench_lightning(results)
-    width = max(len(k) for k in results)
+        if "--lightning-only" not in sys.argv:
+            bench_fluent(results)
+            bench_log_batch(results)
+            bench_training_loop(server.pid, results)
+        if "--lightning" in sys.argv or "--lightning-only" in sys.argv:
+            bench_lightning(server.pid)
+    width = max((len(k) for k in results), default=0)
     for key, value in results.items():
         print(f"{key:<{width}}  {value:10.2f}")
 

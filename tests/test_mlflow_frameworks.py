@@ -161,3 +161,57 @@ def test_hugging_face_trainer_reports_every_logging_step(
         del os.environ["MLFLOW_EXPERIMENT_NAME"]
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 41))
+
+
+@torch_only
+def test_pytorch_autolog_with_lightning_lands_in_the_run(
+    client: mlflow.MlflowClient, experiment_name: str, patched: None
+) -> None:
+    torch: Any = pytest.importorskip("torch")
+    L: Any = pytest.importorskip("lightning")
+    import mlflow.pytorch
+
+    class Tiny(L.LightningModule):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 1)
+
+        def training_step(self, batch: Any, _: int) -> Any:
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.layer(x), y)
+            self.log("loss", loss)
+            self.log("loss_epoch_mean", loss, on_step=False, on_epoch=True)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = torch.utils.data.TensorDataset(torch.randn(32, 8), torch.randn(32, 1))
+    # No model logging: autolog then ties metrics to a logged model, which keeps MLflow's
+    # own path (see docs/mlflow.md); everything else goes through the engine.
+    mlflow.pytorch.autolog(log_models=False, checkpoint=False, log_every_n_step=1)
+    sent_before = asynctrack.stats().sent
+    try:
+        mlflow.set_experiment(experiment_name)
+        with mlflow.start_run() as run:
+            trainer = L.Trainer(
+                max_epochs=2, logger=False, enable_progress_bar=False,
+                enable_checkpointing=False, enable_model_summary=False, accelerator="cpu",
+            )  # fmt: skip
+            trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=4))
+    finally:
+        mlflow.pytorch.autolog(disable=True)
+    run_id = run.info.run_id
+    # 2 epochs of 8 batches: every step's loss (at the global step after it, as autolog
+    # logs it), each epoch's mean, the optimizer's params
+    steps = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in steps) == list(range(1, 17))
+    epochs = client.get_metric_history(run_id, "loss_epoch_mean")
+    assert sorted(m.step for m in epochs) == [0, 1]
+    stored = client.get_run(run_id)
+    assert stored.data.params["optimizer_name"] == "SGD"
+    assert stored.data.params["lr"] == "0.01"
+    assert stored.data.params["epochs"] == "2"
+    assert stored.info.status == "FINISHED"
+    # ...and they went through the engine, not MLflow's own path
+    assert asynctrack.stats().sent - sent_before >= 16 + 2 + 3

@@ -296,6 +296,32 @@ def test_synchronous_false_returns_an_operation_to_wait_on(
         assert mlflow.log_metric("m", 1.0) is None
 
 
+def test_enable_async_logging_is_read_at_the_call_as_mlflow_reads_it(
+    client: mlflow.MlflowClient,
+    experiment_name: str,
+    patched: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _experiment(experiment_name)
+    unflushed_history = patched_client.ORIGINALS["get_metric_history"]
+    with mlflow.start_run() as run:
+        assert mlflow.log_metric("m", 1.0, step=0) is None
+        # switched on after the patch: the default mode now returns an operation
+        monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "true")
+        operation = mlflow.log_metric("m", 2.0, step=1)
+        assert isinstance(operation, RunOperations)
+        batch = client.log_batch(run.info.run_id, [Metric("b", 1.0, T0, 0)])
+        assert isinstance(batch, RunOperations)
+        operation.wait()
+        batch.wait()
+        assert len(unflushed_history(client, run.info.run_id, "b")) == 1
+        monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+        assert mlflow.log_param("p", 1) == 1
+        monkeypatch.delenv("MLFLOW_ENABLE_ASYNC_LOGGING")
+        assert mlflow.log_metric("m", 3.0, step=2) is None
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "m")) == [0, 1, 2]
+
+
 def test_synchronous_true_raises_mlflow_exception_for_a_server_refusal(
     client: mlflow.MlflowClient, experiment_name: str, patched: None
 ) -> None:

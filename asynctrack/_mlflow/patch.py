@@ -62,15 +62,13 @@ def patch_mlflow(*, quiet: bool = False) -> MlflowPatch:
     global _told
     import mlflow
     import mlflow.tracking.fluent as fluent_module
-    from mlflow.environment_variables import MLFLOW_ENABLE_ASYNC_LOGGING
     from mlflow.tracking.client import MlflowClient
 
-    from asynctrack._mlflow import client, fluent, private, routing, sink
+    from asynctrack._mlflow import client, fluent, private, sink
 
     with _lock:
         if _saved:
             return MlflowPatch(installed=False)
-        routing.default_async = bool(MLFLOW_ENABLE_ASYNC_LOGGING.get())
         private.watch_active_models()
         for name in fluent.NAMES:
             replacement = getattr(fluent, name)

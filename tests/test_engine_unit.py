@@ -480,7 +480,9 @@ def test_with_a_spool_a_stuck_server_never_blocks_the_caller(
     from asynctrack._engine import engine as worker
 
     monkeypatch.setattr(worker, "WINDOW", 10_000)
-    engine, transport = make_engine(queue_capacity=2, max_in_flight=1, flush_timeout=0.3)
+    # flush_timeout is also how long a caller may wait for room: a stuck worker would fail
+    # it every time, a busy machine never
+    engine, transport = make_engine(queue_capacity=2, max_in_flight=1, flush_timeout=5.0)
     transport.gate.clear()
     engine.put(metric(0, run_id="a"))
     flusher = threading.Thread(target=engine.flush, args=(60,))
@@ -496,6 +498,35 @@ def test_with_a_spool_a_stuck_server_never_blocks_the_caller(
     assert transport.metrics("c") == [("m", float(i), i) for i in range(1, 50_001)]
     stats = engine.stats()
     assert (stats.queued, stats.spooled) == (0, 0)
+
+
+def test_a_slow_fsync_never_blocks_the_caller(
+    make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asynctrack._engine import spool
+
+    syncing, released = threading.Event(), threading.Event()
+    real_sync = spool.Writer.sync
+
+    def slow_sync(self: spool.Writer) -> None:  # a busy disk
+        syncing.set()
+        released.wait(30)
+        real_sync(self)
+
+    monkeypatch.setattr(spool.Writer, "sync", slow_sync)
+    engine, transport = make_engine(queue_capacity=2, flush_timeout=5.0, spool_sync_interval=0.01)
+    try:
+        i = 0
+        while not syncing.is_set():
+            engine.put(metric(i))
+            i += 1
+        for _ in range(5_000):  # the worker must go on taking from the queue meanwhile
+            engine.put(metric(i))
+            i += 1
+    finally:
+        released.set()
+    engine.flush(30)
+    assert len(transport.metrics()) == i
 
 
 def test_flush_timeout_keeps_events_queued(make_engine: Any) -> None:

@@ -290,6 +290,7 @@ class Engine:
         pump = _Pump(dispatcher)
         pumping = asyncio.get_running_loop().create_task(pump.run())
         started.set()
+        loop, syncing = asyncio.get_running_loop(), None
         try:
             poll, last = min(_POLL, self.config.flush_interval), time.monotonic()
             while True:
@@ -298,8 +299,12 @@ class Engine:
                 wake.clear()
                 self._take()
                 intake.write_marks(now=False)  # what settled since the last pump pass
-                if intake.sync_due(self.config.spool_sync_interval):
-                    await self.run_blocking(intake.sync)
+                if (syncing is None or syncing.done()) and intake.sync_due(
+                    self.config.spool_sync_interval
+                ):
+                    # Not awaited: an fsync can take a second on a busy disk, and taking
+                    # from the callers' queue must go on meanwhile.
+                    syncing = loop.create_task(self.run_blocking(intake.sync))
                 due = (
                     self._urgent
                     or intake.barrier_taken

@@ -202,6 +202,9 @@ class Writer:
     def open_segment(self) -> int:
         """Seal the current segment (if any) and start the next; return the new number."""
         if self._fd >= 0:
+            # Durable before it is closed: the periodic fsync covers only the open segment.
+            with contextlib.suppress(OSError):
+                os.fsync(self._fd)
             os.close(self._fd)
         self.segment += 1
         path = self.path(self.segment)
@@ -239,7 +242,8 @@ class Writer:
         self.total_bytes += written
 
     def sync(self) -> None:
-        """Make what is written durable. Called from a worker thread, never a caller's."""
+        """Make what is written durable. Called from a worker thread, never a caller's,
+        while the worker goes on writing (a segment is made durable as it is sealed)."""
         fd = self._fd
         if fd >= 0:
             with contextlib.suppress(OSError):

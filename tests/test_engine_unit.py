@@ -830,14 +830,14 @@ class SlowTransport(FakeTransport):
 def test_a_flush_without_a_timeout_waits_while_the_server_makes_progress() -> None:
     transport = SlowTransport()
     transport.gate.set()
-    config = EngineConfig.resolve(flush_interval=1000.0, flush_timeout=0.5, max_in_flight=1)
+    config = EngineConfig.resolve(flush_interval=1000.0, flush_timeout=1.0, max_in_flight=1)
     engine = Engine("fake://", config, lambda uri, timeout: transport)  # type: ignore[return-value]
     try:
-        for i in range(8000):  # 8 batches of 1000: about 1.2 s, more than flush_timeout
+        for i in range(16000):  # 16 batches of 1000: about 2.4 s, more than flush_timeout
             engine.put(metric(i))
         engine.flush()  # the deadline counts from the last batch stored, not from the start
-        assert len(transport.metrics()) == 8000
-        for i in range(8000, 16000):
+        assert len(transport.metrics()) == 16000
+        for i in range(16000, 24000):
             engine.put(metric(i))
         with pytest.raises(FlushTimeoutError, match=r"after 0\.5 s with"):
             engine.flush(0.5)  # a number is a fixed deadline
@@ -847,9 +847,9 @@ def test_a_flush_without_a_timeout_waits_while_the_server_makes_progress() -> No
 
 def test_exit_waits_while_the_server_makes_progress() -> None:
     transport = SlowTransport()  # 0.15 s a batch
-    config = EngineConfig.resolve(flush_interval=1000.0, exit_timeout=0.5, max_in_flight=1)
+    config = EngineConfig.resolve(flush_interval=1000.0, exit_timeout=1.0, max_in_flight=1)
     engine = Engine("fake://", config, lambda uri, timeout: transport)  # type: ignore[return-value]
-    for i in range(8000):  # about 1.2 s of sending, more than exit_timeout
+    for i in range(16000):  # about 2.4 s of sending, more than exit_timeout
         engine.put(metric(i))
     assert engine.close(config.exit_timeout) == 0
-    assert len(transport.metrics()) == 8000
+    assert len(transport.metrics()) == 16000

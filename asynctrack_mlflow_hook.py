@@ -29,7 +29,8 @@ from mlflow.tracking.context.abstract_context import RunContextProvider
 
 ENV_SWITCH = "ASYNCTRACK_PATCH_MLFLOW"
 
-#: The same names as asynctrack._mlflow.fluent.NAMES and client.NAMES (a test checks).
+#: The same names as asynctrack._mlflow.fluent.NAMES and asynctrack._gate.PATCHED_CLIENT_METHODS
+#: (a test checks).
 FLUENT_NAMES = (
     "log_metric", "log_metrics", "log_param", "log_params", "set_tag", "set_tags",
     "delete_tag", "end_run", "flush_async_logging",

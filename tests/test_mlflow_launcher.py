@@ -12,7 +12,8 @@ import mlflow
 import pytest
 
 import asynctrack_mlflow_hook
-from asynctrack._mlflow import client, fluent
+from asynctrack import _gate
+from asynctrack._mlflow import fluent
 
 SCRIPTS = Path(__file__).parent / "mlflow_scripts"
 ASYNCTRACK = str(Path(sys.executable).parent / "asynctrack")
@@ -58,7 +59,7 @@ def test_env_switch_alone_patches_on_import(mlflow_tracking_uri: str) -> None:
 
 def test_hook_names_match_the_patch() -> None:
     assert asynctrack_mlflow_hook.FLUENT_NAMES == fluent.NAMES
-    assert asynctrack_mlflow_hook.CLIENT_NAMES == client.NAMES
+    assert asynctrack_mlflow_hook.CLIENT_NAMES == _gate.PATCHED_CLIENT_METHODS
 
 
 def test_run_left_open_is_ended_at_exit_after_its_events(

@@ -15,8 +15,9 @@ from typing import Any
 import mlflow
 import numpy as np
 import pytest
+from differential import T0, assert_same, both, experiment
 from faults import wait_until
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.utils.async_logging.run_operations import RunOperations
 
@@ -25,171 +26,12 @@ from asynctrack._mlflow import client as patched_client
 from asynctrack._mlflow import fluent as patched_fluent
 from asynctrack._mlflow import private
 
-T0 = 1_700_000_000_000  # a fixed metric timestamp (ms), so both sides store the same
-
 
 @pytest.fixture
 def patched() -> Iterator[None]:
     with asynctrack.patch_mlflow(quiet=True):
         yield
     asynctrack.flush()
-
-
-def _experiment(name: str) -> str:
-    return mlflow.set_experiment(name).experiment_id
-
-
-def _both(
-    workload: Callable[[], None], experiment_name: str, tmp_path: Path
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run ``workload`` plain and patched; return the stored runs of each, normalised."""
-    plain_id = _experiment(experiment_name + "-plain")
-    workload()
-    patched_id = _experiment(experiment_name + "-patched")
-    with asynctrack.patch_mlflow(quiet=True):
-        workload()
-        mlflow.flush_async_logging()
-    client = mlflow.MlflowClient()
-    return (
-        _stored(client, plain_id, tmp_path / "plain"),
-        _stored(client, patched_id, tmp_path / "patched"),
-    )
-
-
-def _stored(client: mlflow.MlflowClient, experiment_id: str, dst: Path) -> list[dict[str, Any]]:
-    runs = client.search_runs([experiment_id], max_results=1000)
-    names = {r.info.run_id: r.info.run_name for r in runs}
-    out = []
-    for run in runs:
-        start = run.info.start_time
-        tags = dict(run.data.tags)
-        if "mlflow.parentRunId" in tags:
-            tags["mlflow.parentRunId"] = names[tags["mlflow.parentRunId"]]
-        for volatile in ("mlflow.log-model.history",):
-            if volatile in tags:
-                tags[volatile] = "<set>"
-        histories = {}
-        for key in run.data.metrics:
-            rows = []
-            for m in client.get_metric_history(run.info.run_id, key):
-                stamp: int | str = m.timestamp
-                if not T0 <= m.timestamp < T0 + 10**6:  # "now": not before the run started
-                    assert start - 1 <= m.timestamp, (key, m.timestamp, start)
-                    stamp = "now"
-                rows.append((m.step, repr(float(m.value)), stamp))
-            histories[key] = sorted(rows, key=repr)
-        out.append(
-            {
-                "name": run.info.run_name,
-                "status": run.info.status,
-                "params": dict(run.data.params),
-                "tags": tags,
-                "metrics": histories,
-                "artifacts": _artifacts(client, run.info.run_id, dst / run.info.run_name),
-                "models": len(run.outputs.model_outputs) if run.outputs else 0,
-            }
-        )
-    return sorted(out, key=lambda r: r["name"])
-
-
-def _artifacts(client: mlflow.MlflowClient, run_id: str, dst: Path) -> dict[str, bytes]:
-    if not client.list_artifacts(run_id):
-        return {}
-    dst.mkdir(parents=True)
-    root = Path(client.download_artifacts(run_id, "", str(dst)))
-    return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-    }
-
-
-def _assert_same(plain: list[dict[str, Any]], patched: list[dict[str, Any]]) -> None:
-    assert [r["name"] for r in patched] == [r["name"] for r in plain]
-    for a, b in zip(plain, patched, strict=True):
-        for field in a:
-            assert b[field] == a[field], f"run {a['name']}: {field} differs"
-
-
-# ---------------------------------------------------------------------- the differential
-
-
-def _workload(files: Path) -> Callable[[], None]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.linear_model import LinearRegression
-
-    (files / "dir" / "sub").mkdir(parents=True, exist_ok=True)
-    (files / "one.bin").write_bytes(bytes(range(256)) * 10)
-    (files / "dir" / "a.txt").write_text("a")
-    (files / "dir" / "sub" / "b.txt").write_text("b")
-
-    def workload() -> None:
-        client = mlflow.MlflowClient()
-        with mlflow.start_run(run_name="parent") as parent:
-            run_id = parent.info.run_id
-            mlflow.log_param("int", 3)
-            mlflow.log_params({"float": 0.1, "str": "s", "none": None, "list": [1, 2]})
-            mlflow.log_param("again", "same")
-            mlflow.log_param("again", "same")  # equal value: accepted by both
-            values = [1.5, 2, float("nan"), float("inf"), -float("inf"), np.float32(0.25)]
-            for i, value in enumerate(values):
-                mlflow.log_metric("stepped", value, step=i, timestamp=T0 + i)
-            mlflow.log_metric("defaults", 7.0)
-            mlflow.log_metric("step_only", 8.0, step=5)
-            mlflow.log_metrics({"a": 1, "b": np.float64(2.5)}, step=7, timestamp=T0 + 100)
-            mlflow.log_metrics({"c": 3.0})
-            mlflow.set_tag("t", "1")
-            mlflow.set_tags({"t2": 2, "t": "overwritten"})
-            mlflow.set_tag("gone", "x")
-            mlflow.delete_tag("gone")
-            client.log_batch(
-                run_id,
-                metrics=[Metric("batch", 0.5, T0 + 7, 3), Metric("batch", 0.75, T0 + 8, 4)],
-                params=[Param("p_batch", "v")],
-                tags=[RunTag("bt", "v")],
-            )
-            client.log_metric(run_id, "client", 4.0, timestamp=T0 + 9, step=9)
-            client.log_param(run_id, "client_param", 1)
-            client.set_tag(run_id, "client_tag", "c")
-            mlflow.log_dict({"k": [1, 2], "n": {"x": None}}, "d/data.json")
-            mlflow.log_dict({"k": [1, 2]}, "d/data.yaml")
-            mlflow.log_text("héllo\n", "notes.txt")
-            figure, ax = plt.subplots()
-            ax.plot([1, 2, 3])
-            mlflow.log_figure(figure, "fig.png", save_kwargs={"metadata": {"Software": None}})
-            plt.close(figure)
-            mlflow.log_artifact(str(files / "one.bin"), "files")
-            mlflow.log_artifacts(str(files / "dir"), "tree")
-            model = LinearRegression().fit([[0.0], [1.0], [2.0]], [0.0, 1.0, 2.0])
-            mlflow.sklearn.log_model(model, name="model")
-            with mlflow.start_run(run_name="child", nested=True):
-                mlflow.log_metric("child_m", 1.0, step=1, timestamp=T0 + 50)
-        with pytest.raises(ZeroDivisionError), mlflow.start_run(run_name="failed"):
-            mlflow.log_metric("before_failure", 1.0, step=0, timestamp=T0)
-            _ = 1 / 0
-        run = client.create_run(_current_experiment_id())
-        client.set_tag(run.info.run_id, "mlflow.runName", "client-run")
-        client.log_metric(run.info.run_id, "m", 1.0, timestamp=T0, step=1)
-        client.set_terminated(run.info.run_id, "KILLED")
-
-    return workload
-
-
-def _current_experiment_id() -> str:
-    from mlflow.tracking.fluent import _get_experiment_id
-
-    return str(_get_experiment_id())
-
-
-@pytest.mark.slow
-def test_workload_is_stored_as_plain_mlflow_stores_it(
-    client: mlflow.MlflowClient, experiment_name: str, tmp_path: Path
-) -> None:
-    plain, patched = _both(_workload(tmp_path / "files"), experiment_name, tmp_path)
-    assert {r["name"] for r in plain} == {"parent", "child", "failed", "client-run"}
-    assert plain[3]["artifacts"]  # parent: artifacts were compared, not two empty sets
-    _assert_same(plain, patched)
 
 
 # ---------------------------------------------------------------------- bad input
@@ -237,7 +79,7 @@ def _bad_input_outcomes() -> dict[str, BaseException | None]:
 def test_bad_input_raises_what_mlflow_raises_and_loses_nothing_else(
     client: mlflow.MlflowClient, experiment_name: str
 ) -> None:
-    _experiment(experiment_name)
+    experiment(experiment_name)
     plain = _bad_input_outcomes()
     plain_run = mlflow.last_active_run()
     with asynctrack.patch_mlflow(quiet=True):
@@ -267,7 +109,7 @@ def test_bad_input_raises_what_mlflow_raises_and_loses_nothing_else(
 def test_synchronous_true_returns_once_stored(
     client: mlflow.MlflowClient, experiment_name: str, patched: None
 ) -> None:
-    _experiment(experiment_name)
+    experiment(experiment_name)
     unflushed_history = patched_client.ORIGINALS["get_metric_history"]
     with mlflow.start_run() as run:
         for i in range(50):
@@ -282,7 +124,7 @@ def test_synchronous_true_returns_once_stored(
 def test_synchronous_false_returns_an_operation_to_wait_on(
     client: mlflow.MlflowClient, experiment_name: str, patched: None
 ) -> None:
-    _experiment(experiment_name)
+    experiment(experiment_name)
     unflushed_history = patched_client.ORIGINALS["get_metric_history"]
     with mlflow.start_run() as run:
         operation = mlflow.log_metrics({f"k{i}": i for i in range(20)}, synchronous=False)
@@ -302,7 +144,7 @@ def test_enable_async_logging_is_read_at_the_call_as_mlflow_reads_it(
     patched: None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _experiment(experiment_name)
+    experiment(experiment_name)
     unflushed_history = patched_client.ORIGINALS["get_metric_history"]
     with mlflow.start_run() as run:
         assert mlflow.log_metric("m", 1.0, step=0) is None
@@ -325,7 +167,7 @@ def test_enable_async_logging_is_read_at_the_call_as_mlflow_reads_it(
 def test_synchronous_true_raises_mlflow_exception_for_a_server_refusal(
     client: mlflow.MlflowClient, experiment_name: str, patched: None
 ) -> None:
-    run = client.create_run(_experiment(experiment_name))
+    run = client.create_run(experiment(experiment_name))
     client.delete_run(run.info.run_id)
     with pytest.raises(MlflowException):
         client.log_metric(run.info.run_id, "m", 1.0, synchronous=True)
@@ -334,7 +176,7 @@ def test_synchronous_true_raises_mlflow_exception_for_a_server_refusal(
 def test_reads_see_this_process_writes(
     client: mlflow.MlflowClient, experiment_name: str, patched: None
 ) -> None:
-    experiment_id = _experiment(experiment_name)
+    experiment_id = experiment(experiment_name)
     with mlflow.start_run() as run:
         for i in range(1000):
             mlflow.log_metric("m", float(i), step=i)
@@ -355,7 +197,7 @@ def test_reads_see_this_process_writes(
 def test_flush_async_logging_is_our_flush(
     client: mlflow.MlflowClient, experiment_name: str, patched: None
 ) -> None:
-    _experiment(experiment_name)
+    experiment(experiment_name)
     with mlflow.start_run() as run:
         for i in range(100):
             mlflow.log_metric("m", float(i), step=i)
@@ -393,7 +235,7 @@ def test_unserved_tracking_uri_keeps_mlflow_path(
 def test_private_mlflow_names_exist(client: mlflow.MlflowClient, experiment_name: str) -> None:
     for owner, name in private.NAMES:
         assert hasattr(owner, name), f"{owner.__name__}.{name} is gone: update private.py"
-    _experiment(experiment_name)
+    experiment(experiment_name)
     assert private.active_entity() is None
     with mlflow.start_run() as run:
         assert private.active_entity().info.run_id == run.info.run_id
@@ -428,7 +270,7 @@ def _grid_search(data: Any) -> None:
 def test_sklearn_autolog_grid_search_stores_the_same_runs(
     client: mlflow.MlflowClient, experiment_name: str, data: Any, tmp_path: Path
 ) -> None:
-    plain, patched = _both(lambda: _grid_search(data), experiment_name, tmp_path)
+    plain, patched = both(lambda: _grid_search(data), experiment_name, tmp_path)
     assert len(plain) == 3  # the search and its two child runs
     for runs in (plain, patched):
         for run in runs:
@@ -439,13 +281,13 @@ def test_sklearn_autolog_grid_search_stores_the_same_runs(
                 timing = key.endswith("_time")
                 run["metrics"][key] = [(step, "<t>" if timing else v) for step, v, _ in rows]
     key = lambda r: (r["name"], sorted(r["params"].items()))  # noqa: E731
-    _assert_same(sorted(plain, key=key), sorted(patched, key=key))
+    assert_same(sorted(plain, key=key), sorted(patched, key=key))
 
 
 def test_system_metrics_land_under_the_patch(
     client: mlflow.MlflowClient, experiment_name: str, patched: None
 ) -> None:
-    _experiment(experiment_name)
+    experiment(experiment_name)
     mlflow.set_system_metrics_sampling_interval(0.1)
     mlflow.set_system_metrics_samples_before_logging(1)
     try:

@@ -318,9 +318,9 @@ class _LoggedModel:
                 await jobs.run_blocking(partial(staging.remove, self.area))
 
     def _client(self) -> Any:
-        from mlflow import MlflowClient
+        from asynctrack._gate import plain_client
 
-        return MlflowClient(tracking_uri=self.run.tracking_uri)
+        return plain_client(self.run.tracking_uri)
 
     def _create(self) -> Any:
         """Create the logged model and make it an output of the run (as Model.log does)."""

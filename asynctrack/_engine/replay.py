@@ -481,9 +481,9 @@ class _ReplayJobs:
     async def upload(self, run_id: str, path: str, artifact_path: str | None) -> None:
         def call() -> None:
             if self._client is None:
-                from mlflow import MlflowClient
+                from asynctrack._gate import plain_client
 
-                self._client = MlflowClient(tracking_uri=self._uri)
+                self._client = plain_client(self._uri)
             try:
                 if os.path.isdir(path):
                     self._client.log_artifacts(run_id, path, artifact_path)

@@ -12,7 +12,7 @@ protobufs costs about 14 us of worker CPU per metric, the body written here unde
 and the worker shares the GIL with the training loop. It is sent by ``wire.Wire``, or by
 MLflow's own ``http_request`` when authentication or proxies need it per request.
 ``StoreTransport`` serves every other tracking URI (``file:``, ``sqlite:``...) through
-``MlflowClient``.
+MLflow's own, unpatched client (:func:`asynctrack._gate.plain_client`).
 """
 
 from __future__ import annotations
@@ -275,12 +275,14 @@ class RestTransport:
 
 
 class StoreTransport:
-    """Any other tracking URI (a local ``file:`` or ``sqlite:`` store), through MlflowClient."""
+    """Any other tracking URI (a local ``file:`` or ``sqlite:`` store), through MLflow's
+    client as MLflow ships it: the drop-in's patched methods would queue these calls back
+    into this engine."""
 
     def __init__(self, tracking_uri: str) -> None:
-        from mlflow import MlflowClient
+        from asynctrack._gate import plain_client
 
-        self._client = MlflowClient(tracking_uri=tracking_uri)
+        self._client = plain_client(tracking_uri)
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -16,28 +16,11 @@ from typing import Any
 from mlflow.entities import RunStatus
 from mlflow.tracking.client import MlflowClient
 
+from asynctrack._gate import PATCHED_CLIENT_METHODS, PlainClient
 from asynctrack._mlflow import private, routing, sink
 
-#: The methods replaced on the class.
-NAMES = (
-    "log_metric",
-    "log_batch",
-    "log_param",
-    "set_tag",
-    "delete_tag",
-    "set_terminated",
-    "log_artifact",
-    "log_artifacts",
-    "log_text",
-    "log_dict",
-    "log_figure",
-    "get_run",
-    "get_metric_history",
-    "search_runs",
-    "list_artifacts",
-    "download_artifacts",
-)
-ORIGINALS: dict[str, Any] = {name: routing.real(getattr(MlflowClient, name)) for name in NAMES}
+#: MLflow's own methods, called where the engine cannot serve a call.
+ORIGINALS: dict[str, Any] = {name: getattr(PlainClient, name) for name in PATCHED_CLIENT_METHODS}
 
 _FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 _model_id = private.active_model_id

@@ -64,6 +64,7 @@ def patch_mlflow(*, quiet: bool = False) -> MlflowPatch:
     import mlflow.tracking.fluent as fluent_module
     from mlflow.tracking.client import MlflowClient
 
+    from asynctrack import _gate  # takes MLflow's own client methods: before any swap
     from asynctrack._mlflow import client, fluent, private, sink
 
     with _lock:
@@ -75,7 +76,7 @@ def patch_mlflow(*, quiet: bool = False) -> MlflowPatch:
             for owner in (mlflow, fluent_module):
                 _swap(owner, name, replacement)
         _rebind_imported_copies(fluent.ORIGINALS, fluent)
-        for name in client.NAMES:
+        for name in _gate.PATCHED_CLIENT_METHODS:
             _swap(MlflowClient, name, getattr(client, name))
         sink.at_exit(_end_active_run)
         # Once per process tree: children started later (the launcher's workers) stay quiet.

@@ -453,7 +453,7 @@ def test_missing_paths_raise_at_the_call(
         lambda t, f: t.log_artifacts(f.parent, artifact_path=".."),
         lambda t, f: t.log_dict({}, "../escape.json"),
         lambda t, f: t.log_dict({}, "/abs/escape.yaml"),
-        lambda t, f: t.log_text("x", "dir/"),
+        lambda t, f: t.log_text("x", "dir/.."),
     ],
     ids=["dotdot", "nested-dotdot", "absolute", "dir-dotdot", "dict-dotdot", "dict-abs", "no-name"],
 )

@@ -158,13 +158,14 @@ def test_bad_key_raises_value_error_and_loses_nothing(
 
 def test_key_error_messages_name_the_key(tracker: MLflowExperimentTracker) -> None:
     with tracker.start_run():
-        with pytest.raises(ValueError, match=r"'bad key!' is invalid"):
+        # MLflow's own words first, then which key
+        with pytest.raises(ValueError, match=r"^Invalid value \"bad key!\" .*metric key 'bad"):
             tracker.log_metric("bad key!", 1.0)
-        with pytest.raises(ValueError, match="would resolve to the path"):
+        with pytest.raises(ValueError, match=r"This name would resolve to '\.\./x'"):
             tracker.log_metric("../x", 1.0)
-        with pytest.raises(ValueError, match="251 characters; the limit is 250"):
+        with pytest.raises(ValueError, match=r"^'Param key' exceeds the maximum length of 250"):
             tracker.log_param("k" * 251, 1)
-        with pytest.raises(ValueError, match="must be a string, got int"):
+        with pytest.raises(ValueError, match=r"must be a string\..*tag key of type int"):
             tracker.set_tag(5, "x")
 
 
@@ -240,7 +241,7 @@ def test_long_values_raise_when_truncation_is_off(
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRUNCATE_LONG_VALUES", "false")
     with tracker.start_run():
-        with pytest.raises(ValueError, match="the limit is 6000"):
+        with pytest.raises(ValueError, match="maximum length of 6000 characters"):
             tracker.log_param("long_param", "p" * 6001)
         tracker.log_param("ok", "fine")
         run_id = tracker.run_id

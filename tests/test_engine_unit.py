@@ -206,9 +206,9 @@ def test_check_key_accepts_mlflow_keys(key: str) -> None:
 @pytest.mark.parametrize(
     ("key", "message"),
     [
-        ("k" * 251, "251 characters"),
-        ("bad key!", "is invalid"),
-        ("a;b", "is invalid"),
+        ("k" * 251, "exceeds the maximum length of 250"),
+        ("bad key!", "Names may only contain"),
+        ("a;b", "Names may only contain"),
         ("../x", "would resolve"),
         ("a/../b", "would resolve"),
         ("/abs", "would resolve"),
@@ -216,15 +216,15 @@ def test_check_key_accepts_mlflow_keys(key: str) -> None:
         ("a/", "would resolve"),
         (".", "would resolve"),
         ("", "would resolve"),
-        (5, "must be a string, got int"),
-        (None, "must be a string, got NoneType"),
-        (b"bytes", "must be a string, got bytes"),
+        (5, "must be a string.*param key of type int"),
+        (None, "must be a string.*param key of type NoneType"),
+        (b"bytes", "must be a string.*param key of type bytes"),
     ],
 )
 def test_check_key_rejects(key: object, message: str) -> None:
     with pytest.raises(ValueError, match=message) as info:
         check_key(key, "param")
-    assert str(info.value).startswith("param key")
+    assert "(param key" in str(info.value)  # MLflow's words, then which key
 
 
 # ---------------------------------------------------------------------------- EngineConfig

@@ -8,6 +8,7 @@ compares the stored runs field by field.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,8 @@ def test_bad_input_raises_what_mlflow_raises_and_loses_nothing_else(
         elif isinstance(expected, MlflowException):  # the server's refusal, or MLflow's check
             assert isinstance(got, MlflowException), f"{label}: {got!r} instead of {expected!r}"
             assert got.error_code == expected.error_code, label
+            words = expected.message.removeprefix(f"{expected.error_code}: ")[:30]
+            assert got.message.startswith(words), f"{label}: {got.message!r} is not {words!r}..."
         else:  # a conversion error raised at the call (TypeError, OverflowError...)
             assert isinstance(got, type(expected)), f"{label}: {got!r} instead of {expected!r}"
     assert plain_run is not None and patched_run is not None
@@ -101,6 +104,53 @@ def test_bad_input_raises_what_mlflow_raises_and_loses_nothing_else(
     assert patched_run.data.params == plain_run.data.params
     for key in ("numeric_string", "bool"):
         assert patched_run.data.metrics[key] == plain_run.data.metrics[key]
+
+
+def _parity_outcomes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """What MLflow does at the edges the drop-in used to get wrong."""
+    out: dict[str, Any] = {}
+    with mlflow.start_run() as run:
+        operation = mlflow.log_metric("k", "apple", synchronous=False)  # type: ignore[arg-type]
+        assert operation is not None
+        out["async bad value, at the call"] = type(operation).__name__
+        with pytest.raises(MlflowException) as at_wait:
+            operation.wait()
+        out["async bad value, at wait"] = type(at_wait.value).__name__
+        mlflow.log_text("x", "dir/../normalised.txt")
+        with monkeypatch.context() as m:
+            m.setattr(time, "time", lambda: 1_700_000_123)  # a clock that returns an int
+            mlflow.log_metric("int_clock", 1.0)
+        mlflow.log_metric("zero_time", 2.0, timestamp=0)
+    client = mlflow.MlflowClient()
+    out["artifacts"] = [f.path for f in client.list_artifacts(run.info.run_id)]
+    history = client.get_metric_history(run.info.run_id, "int_clock")
+    out["int clock"] = [m.timestamp for m in history]
+    out["zero time"] = [
+        m.timestamp for m in client.get_metric_history(run.info.run_id, "zero_time")
+    ]
+    # A test suite's stand-in for the active-run stack: end_run must ask it, not go around.
+    with mlflow.start_run() as outer, monkeypatch.context() as m:
+        stack = [mlflow.tracking.fluent.ActiveRun(outer)]
+        m.setattr(mlflow.tracking.fluent._active_run_stack, "get", lambda: stack)
+        mlflow.end_run()
+        out["wrapped stack"] = (len(stack), client.get_run(outer.info.run_id).info.status)
+    return out
+
+
+def test_edges_behave_as_mlflow_does(
+    client: mlflow.MlflowClient,
+    experiment_name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    experiment(experiment_name)
+    plain = _parity_outcomes(tmp_path, monkeypatch)
+    with asynctrack.patch_mlflow(quiet=True):
+        patched = _parity_outcomes(tmp_path, monkeypatch)
+    assert plain["artifacts"] == ["normalised.txt"]
+    assert plain["int clock"] == [1_700_000_123_000] and plain["zero time"] == [0]
+    assert plain["wrapped stack"] == (0, "FINISHED")
+    assert patched == plain
 
 
 # ---------------------------------------------------------------------- MLflow's contract

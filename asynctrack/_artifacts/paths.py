@@ -1,8 +1,9 @@
 """Artifact paths: checked at the call, and where a run-relative path lands.
 
-MLflow joins ``artifact_path`` to the run's artifact root as is; ``..`` or an absolute path
+Paths are normalised as MLflow normalises an ``artifact_file`` (``dir/../f.txt`` is
+``f.txt``). A path that still leaves the run's root (``../f.txt``), or an absolute one,
 would put files beside or outside the run (S3 keys do not normalise ``..`` away, and a
-local store would write outside its folder), so such paths are refused at the call.
+local store would write outside its folder): it is refused at the call.
 """
 
 from __future__ import annotations
@@ -11,28 +12,34 @@ import posixpath
 import re
 import urllib.parse
 
+from asynctrack.errors import InvalidInputError
+
 # The characters MLflow refuses in a logged model's name (mlflow/utils/validation.py).
 _MODEL_NAME_BAD_CHARS = ("/", ":", ".", "%", '"', "'")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 def check_artifact_dir(artifact_path: str | None) -> str:
-    """A run-relative directory in posix form ("" for the run's root); ValueError if it
-    leaves the root."""
+    """A run-relative directory in posix form ("" for the run's root); InvalidInputError
+    (a ValueError) if it leaves the root."""
     if artifact_path is None:
         return ""
     if not isinstance(artifact_path, str):
         raise TypeError(f"artifact_path must be a string, got {type(artifact_path).__name__}")
     path = artifact_path.replace("\\", "/")
     if path.startswith("/") or _WINDOWS_DRIVE.match(path):
-        raise ValueError(
+        raise InvalidInputError(
             f"artifact_path {artifact_path!r} is absolute; it must be relative to the run's "
             "artifact root"
         )
-    if ".." in path.split("/"):
-        raise ValueError(f"artifact_path {artifact_path!r} leaves the run's artifact root ('..')")
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    return "/".join(parts)
+    path = posixpath.normpath(path) if path else ""
+    if path == ".." or path.startswith("../"):
+        raise InvalidInputError(
+            f"Invalid artifact path: {path!r}. Names may be treated as files in certain cases, "
+            "and must not resolve to other names when treated as such (artifact_path "
+            f"{artifact_path!r} leaves the run's artifact root)"
+        )
+    return "" if path == "." else path
 
 
 def check_artifact_file(artifact_file: str) -> tuple[str, str]:
@@ -40,14 +47,15 @@ def check_artifact_file(artifact_file: str) -> tuple[str, str]:
     the run's root or names no file."""
     if not isinstance(artifact_file, str):
         raise TypeError(f"artifact_file must be a string, got {type(artifact_file).__name__}")
-    directory, name = posixpath.split(artifact_file.replace("\\", "/"))
+    path = artifact_file.replace("\\", "/")
+    directory, name = posixpath.split(posixpath.normpath(path) if path else path)
     if name in ("", ".", ".."):
         raise ValueError(f"artifact_file {artifact_file!r} names no file")
     try:
         return check_artifact_dir(directory), name
-    except ValueError:
-        raise ValueError(
-            f"artifact_file {artifact_file!r} leaves the run's artifact root"
+    except InvalidInputError as exc:
+        raise InvalidInputError(
+            str(exc).replace(f"artifact_path {directory!r}", f"artifact_file {artifact_file!r}")
         ) from None
 
 

@@ -18,6 +18,7 @@ the worker (see :func:`check_value`). Everything else is a :class:`MetaEvent`, a
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import math
 import numbers
 import posixpath
@@ -54,26 +55,53 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+# Where MLflow's messages name a key: its JSON path (``name`` for a metric) and, for a key
+# too long, its label.
+_KEY_PATH = {"metric": "name", "param": "key", "tag": "key"}
+_KEY_LABEL = {"metric": "Metric name", "param": "Param key", "tag": "key"}
+_NAME_CHARS = (
+    "Names may only contain alphanumerics, underscores (_), dashes (-), periods (.), "
+    "spaces ( ), colon(:) and slashes (/)."
+)
+
+
+def invalid_value(path: str, value: object, message: str) -> str:
+    """MLflow's words for a value it refuses (``mlflow.utils.validation.invalid_value``)."""
+    try:
+        shown = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        shown = _short_repr(value)
+    return f"Invalid value {shown} for parameter '{path}' supplied: {message}"
+
+
 def check_key(key: object, what: str) -> str:
-    """Validate a metric, param or tag key as MLflow does; raise InvalidInputError naming it."""
+    """Validate a metric, param or tag key as MLflow does; raise InvalidInputError with
+    MLflow's message, then the key's kind."""
     if not isinstance(key, str):
-        raise InvalidInputError(f"{what} key must be a string, got {type(key).__name__}: {key!r}")
+        message = f"{what.capitalize()} {_KEY_PATH[what]} must be a string."
+        raise InvalidInputError(
+            f"{invalid_value(_KEY_PATH[what], key, message)} "
+            f"({what} key of type {type(key).__name__})"
+        )
     if key in _checked_keys:
         return key
     if len(key) > MAX_KEY_LENGTH:
         raise InvalidInputError(
-            f"{what} key {key[:60]!r}... is {len(key)} characters; the limit is 250"
+            f"'{_KEY_LABEL[what]}' exceeds the maximum length of {MAX_KEY_LENGTH} characters "
+            f"({what} key {key[:60]!r}..., {len(key)} characters)"
         )
     if not _KEY_RE.match(key):
-        raise InvalidInputError(
-            f"{what} key {key!r} is invalid: keys may only contain alphanumerics, "
-            "underscores, dashes, periods, spaces, colons and slashes"
-        )
+        message = invalid_value(_KEY_PATH[what], key, _NAME_CHARS)
+        raise InvalidInputError(f"{message} ({what} key {key!r})")
     norm = posixpath.normpath(key)
     if norm != key or norm == "." or norm.startswith(("..", "/")):
-        raise InvalidInputError(
-            f"{what} key {key!r} is invalid: it would resolve to the path {norm!r}"
+        message = invalid_value(
+            _KEY_PATH[what],
+            key,
+            "Names may be treated as files in certain cases, and must not resolve to other "
+            f"names when treated as such. This name would resolve to {norm!r}",
         )
+        raise InvalidInputError(f"{message} ({what} key {key!r})")
     if len(_checked_keys) < 100_000:  # bounded, so generated keys cannot grow it forever
         _checked_keys.add(key)
     return key
@@ -100,20 +128,27 @@ def check_value(key: str, value: object) -> Any:
         return float(value)  # type: ignore[arg-type]
     except OverflowError:
         raise ValueOverflowError(
-            f"metric {key!r}: value {_short_repr(value)} is too large for a double "
-            "(int too large to convert to float)"
+            f"int too large to convert to float (metric {key!r}: value {_short_repr(value)})"
         ) from None
     except TypeError:
-        what = f"{type(value).__name__}: {_short_repr(value)}" if value is not None else "None"
+        if value is None:
+            raise InvalidInputTypeError(
+                f"Missing value for required parameter 'value'. (metric {key!r})"
+            ) from None
         raise InvalidInputTypeError(
-            f"metric {key!r}: value must be a real number, got {what}"
+            f"Failed to convert metric value to float: {type(value).__name__} "
+            f"{_short_repr(value)} is not a number (metric {key!r})"
         ) from None
     except ValueError as exc:
         # A TypeError too: MLflow hands a non-numeric string on to protobuf, which raises one.
-        raise InvalidInputTypeError(
-            f"metric {key!r}: invalid value {_short_repr(value)}: please specify the value as "
-            f"a valid double (64-bit floating point) ({exc})"
-        ) from None
+        if isinstance(value, str):
+            message = invalid_value("value", value, _DOUBLE)
+        else:
+            message = f"Failed to convert metric value to float: {exc}"
+        raise InvalidInputTypeError(f"{message} (metric {key!r})") from None
+
+
+_DOUBLE = "Please specify value as a valid double (64-bit floating point)"
 
 
 def _device_copy(key: str, tensor: Any) -> Any:
@@ -129,31 +164,31 @@ def resolve_value(value: Any) -> float:
 
 def check_step(key: str, step: object) -> int:
     """A step given as a non-``int`` or outside int64 (the hot path checks the common case)."""
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise InvalidInputTypeError(f"metric {key!r}: step must be an integer, got {step!r}")
-    step = int(step)
-    if not INT64_MIN <= step <= INT64_MAX:
-        raise InvalidInputError(
-            f"metric {key!r}: step {step} is out of range: MLflow stores steps as 64-bit "
-            f"integers ({INT64_MIN} to {INT64_MAX})"
-        )
-    return step
+    number = _integer(step)
+    if number is None or not INT64_MIN <= number <= INT64_MAX:
+        message = f"metric {key!r}. Step must be a valid long (64-bit integer)."
+        error = InvalidInputTypeError if number is None else InvalidInputError
+        raise error(invalid_value("step", step, message))
+    return number
 
 
 def check_timestamp(key: str, timestamp: object) -> int:
     """A caller's timestamp: an integer of milliseconds, from 0 to the int64 maximum."""
-    if isinstance(timestamp, bool) or not isinstance(timestamp, numbers.Integral):
-        raise InvalidInputTypeError(
-            f"metric {key!r}: timestamp must be an integer number of milliseconds, "
-            f"got {timestamp!r}"
+    number = _integer(timestamp)
+    if number is None or not 0 <= number <= INT64_MAX:
+        message = (
+            f"metric {key!r}. Timestamp must be a nonnegative long (64-bit integer) of milliseconds"
         )
-    timestamp = int(timestamp)
-    if not 0 <= timestamp <= INT64_MAX:
-        raise InvalidInputError(
-            f"metric {key!r}: timestamp {timestamp} is out of range: it must be a "
-            f"nonnegative 64-bit integer of milliseconds (0 to {INT64_MAX})"
-        )
-    return timestamp
+        error = InvalidInputTypeError if number is None else InvalidInputError
+        raise error(invalid_value("timestamp", timestamp, message))
+    return number
+
+
+def _integer(number: object) -> int | None:
+    """An integral number (numpy's too) as an ``int``; None for anything else, bools included."""
+    if isinstance(number, bool) or not isinstance(number, numbers.Integral):
+        return None
+    return int(number)
 
 
 def to_ms(when: float | int) -> int:
@@ -209,7 +244,8 @@ def check_text_value(kind: str, key: str, value: object, limit: int) -> str:
 
         if not MLFLOW_TRUNCATE_LONG_VALUES.get():
             raise InvalidInputError(
-                f"{kind} {key!r}: value is {len(text)} characters; the limit is {limit}"
+                f"'{kind.capitalize()} value' exceeds the maximum length of {limit} characters "
+                f"({kind} {key!r}: {len(text)} characters)"
             )
         warnings.warn(
             f"{kind} {key!r}: value of {len(text)} characters truncated to {limit}",

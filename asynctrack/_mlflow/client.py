@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking.client import MlflowClient
 
 from asynctrack._gate import PATCHED_CLIENT_METHODS, PlainClient
@@ -45,7 +46,10 @@ def log_metric(
     if model_id is None and dataset_name is None and dataset_digest is None:
         s = _sink(self, run_id)
         if s is not None and _model_id() is None:
-            s.metric(key, value, timestamp, 0 if step is None else step)
+            try:
+                s.metric(key, value, timestamp, 0 if step is None else step)
+            except MlflowException as exc:
+                return routing.refuse(synchronous, exc)
             return routing.after(s, synchronous, None)
     return ORIGINALS["log_metric"](
         self, run_id, key, value, timestamp, step, synchronous, dataset_name, dataset_digest,
@@ -72,7 +76,10 @@ def log_batch(
         else:
             if not rows and not params and not tags:
                 return None
-            s.batch(rows, [(p.key, p.value) for p in params], [(t.key, t.value) for t in tags])
+            try:
+                s.batch(rows, [(p.key, p.value) for p in params], [(t.key, t.value) for t in tags])
+            except MlflowException as exc:
+                return routing.refuse(synchronous, exc)
             return routing.after(s, synchronous, None)
     return ORIGINALS["log_batch"](self, run_id, metrics, params, tags, synchronous)
 
@@ -83,7 +90,10 @@ def log_param(
     s = _sink(self, run_id)
     if s is None:
         return ORIGINALS["log_param"](self, run_id, key, value, synchronous)
-    s.batch(params=[(key, value)])
+    try:
+        s.batch(params=[(key, value)])
+    except MlflowException as exc:
+        return routing.refuse(synchronous, exc)
     return routing.after(s, synchronous, value)
 
 
@@ -93,7 +103,10 @@ def set_tag(
     s = _sink(self, run_id)
     if s is None:
         return ORIGINALS["set_tag"](self, run_id, key, value, synchronous)
-    s.batch(tags=[(key, value)])
+    try:
+        s.batch(tags=[(key, value)])
+    except MlflowException as exc:
+        return routing.refuse(synchronous, exc)
     return routing.after(s, synchronous, None)
 
 

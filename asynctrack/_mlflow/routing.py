@@ -122,6 +122,27 @@ def after(s: sink.RunSink, synchronous: bool | None, value: Any) -> Any:
     return RunOperations([_Stored(s)])
 
 
+class _Refused:
+    """A future for ``RunOperations`` whose result is the input error the call met."""
+
+    __slots__ = ("_error",)
+
+    def __init__(self, error: Exception) -> None:
+        self._error = error
+
+    def result(self, timeout: float | None = None) -> None:
+        raise self._error
+
+
+def refuse(synchronous: bool | None, error: Exception) -> Any:
+    """Bad input: an asynchronous call (``synchronous=False``, or the default while
+    ``MLFLOW_ENABLE_ASYNC_LOGGING`` is on) returns an operation whose ``.wait()`` raises
+    it, as MLflow's does; any other call raises it now."""
+    if synchronous is False or (synchronous is None and default_async()):
+        return RunOperations([_Refused(error)])
+    raise error
+
+
 def print_run_url(s: sink.RunSink) -> None:
     """MLflow prints a link to the run when it ends (REST servers); so do we."""
     if s.tracking_uri.startswith(("http://", "https://")):

@@ -19,21 +19,18 @@ MLflow's own, unpatched client (:func:`asynctrack._gate.plain_client`).
 
 from __future__ import annotations
 
-import enum
 import http.client
 import json
 import math
 import re
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from asynctrack._engine.events import INT64_MAX, INT64_MIN, Metric, to_json_number, to_ms
+from asynctrack._engine.limiter import Limiter, Outcome
 from asynctrack._engine.wire import Wire
 from asynctrack._engine.wire import usable as wire_usable
-
-if TYPE_CHECKING:  # the limiter imports this module's outcomes
-    from asynctrack._engine.limiter import Limiter
 
 KeyValue = tuple[str, str]
 
@@ -50,15 +47,6 @@ _WHOLE_REQUEST_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"})
 # a missing permission, a proxy's login. Kept and retried, not refused.
 HELD_STATUS = frozenset({401, 403, 407})
 HELD_CODES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
-
-
-class Outcome(enum.Enum):
-    """What an answer (or its absence) says about the server's load, for the limiter."""
-
-    OK = "ok"  # stored or refused on its merits: the server is answering normally
-    OVERLOAD = "overload"  # 408, 425, 429, 5xx, an exhausted database pool
-    TIMEOUT = "timeout"  # no answer in time: the server may still be working on it
-    ERROR = "error"  # refused connection and the like: says nothing about load
 
 
 class Transient(Exception):

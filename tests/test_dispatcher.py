@@ -507,9 +507,9 @@ async def test_a_refused_credential_keeps_the_events_and_other_runs_flow(
     assert source.settled_chunks[-1][0] == 0  # the spool keeps the chunk: nothing forgotten
 
     transport.denied.clear()  # granted: the next round delivers, with credentials re-read
-    recovery = dispatcher._recovery
-    assert recovery is not None
-    await asyncio.wait_for(recovery, WAIT)  # it ends once nothing is held back
+    rounds = dispatcher.recovery.task
+    assert rounds is not None
+    await asyncio.wait_for(rounds, WAIT)  # it ends once nothing is held back
     assert not dispatcher.kept
     await dispatcher.settle()
     assert sorted(transport.metrics("a")) == [metric("a", i) for i in range(5)]
@@ -534,8 +534,7 @@ async def test_params_and_tags_held_back_keep_their_order(
     assert transport.attempts == attempts  # parked behind the first, not sent
     assert dispatcher.kept.events == 3
     transport.denied.clear()
-    for requests in dispatcher.kept.take().values():  # one round, as the recovery makes it
-        await dispatcher._resend(requests)
+    await dispatcher.recovery.round()  # one round, as the recovery makes them
     assert transport.held_tags["a"] == {"t": "second"}  # the last set_tag still wins
     assert [c.tags for c in transport.stored] == [[("t", "first")], [("t", "second")]]
 

@@ -100,9 +100,9 @@ def log_during_outage(
     return run_id, err
 
 
-def sync(root: Path) -> subprocess.CompletedProcess[str]:
+def sync(root: Path, *options: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "asynctrack.cli", "sync", str(root)],
+        [sys.executable, "-m", "asynctrack.cli", "sync", str(root), *options],
         capture_output=True,
         text=True,
         timeout=180,
@@ -138,9 +138,9 @@ def job_env(tmp_path: Path, uri: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("lose_one", [False, True], ids=["all-kept", "one-deleted-by-hand"])
-def test_proxied_artifacts_logged_while_the_server_is_away_are_synced_after_exit(
-    lose_one: bool, mlflow_server: MlflowServer, experiment_name: str, tmp_path: Path
+@pytest.mark.parametrize("then", ["sync", "lose-one-then-sync", "discard"])
+def test_proxied_artifacts_logged_while_the_server_is_away_are_kept_after_exit(
+    then: str, mlflow_server: MlflowServer, experiment_name: str, tmp_path: Path
 ) -> None:
     src, root = sources(tmp_path), tmp_path / "spool"
     with FaultProxy(mlflow_server.url, port=free_port()) as proxy:
@@ -148,26 +148,31 @@ def test_proxied_artifacts_logged_while_the_server_is_away_are_synced_after_exit
         run_id, err = log_during_outage(experiment_name, src, env, proxy.stop, model=False)
         assert "could not be stored" in err and f"asynctrack sync {root}" in err, err
         shutil.rmtree(env["TMPDIR"])
-        if lose_one:
-            [staged] = root.glob("*/staged/*/notes/log.txt")
+        [staged] = root.glob("*/staged/*/notes/log.txt")
+        assert staged.read_text() == TEXT  # kept beside the spool
+        if then == "lose-one-then-sync":
             staged.unlink()
         proxy.start()  # the server answers again, at the URL the spool recorded
-        result = sync(root)
+        result = sync(root, *(["--discard"] if then == "discard" else []))
 
-    client = mlflow.MlflowClient(mlflow_server.url)
-    assert client.get_run(run_id).info.status == "FINISHED"
     assert list(root.iterdir()) == []  # the spool and its staged copies are gone
-    if not lose_one:
+    client = mlflow.MlflowClient(mlflow_server.url)
+    stored = {f.path for f in client.list_artifacts(run_id)}
+    if then == "discard":  # the user's explicit command: dropped, and said so
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"discarded 5 events of runs {run_id}" in result.stdout
+        assert stored == set() and client.get_run(run_id).info.status == "RUNNING"
+        return
+    assert client.get_run(run_id).info.status == "FINISHED"
+    if then == "sync":
         assert result.returncode == 0, result.stdout + result.stderr
         assert "stored 5 events, refused 0, 0 left\n" in result.stdout  # 4 uploads, the end
         assert_every_byte(mlflow_server.url, run_id, src, tmp_path)
         return
     assert result.returncode == 1, result.stdout + result.stderr
     assert "stored 4 events, refused 0, 0 left, 1 lost" in result.stdout
-    assert f"lost: run {run_id}: artifact 'notes/log.txt': its staged copy is gone" in (
-        result.stdout
-    )
-    stored = {f.path for f in client.list_artifacts(run_id)}
+    lost = f"lost: run {run_id}: artifact 'notes/log.txt': its staged copy is gone"
+    assert lost in result.stdout
     assert stored == {"checkpoints", "config.json", "plots"}
 
 

@@ -408,9 +408,7 @@ def test_artifacts_are_uploaded_and_a_missing_staged_file_is_reported(
     report = replay.replay(tmp_path / "spool")
 
     assert report.refused == [] and not report.ok
-    assert report.lost == [
-        f"run {run_id}: artifact '1': its staged copy is gone (from {missing})"
-    ]
+    assert report.lost == [f"run {run_id}: artifact '1': its staged copy is gone (from {missing})"]
     assert report.stored == 2 + 1  # the uploads and the run's end
     for name, data in files.items():
         local = mlflow.artifacts.download_artifacts(

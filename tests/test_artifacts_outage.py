@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import mlflow
 import pytest
+from children import child
 from faults import FaultProxy
 
 from asynctrack.testing import MlflowServer, free_port
@@ -44,7 +45,7 @@ from asynctrack import MLflowExperimentTracker
 experiment, src, model = sys.argv[1], sys.argv[2], sys.argv[3] == "model"
 tracker = MLflowExperimentTracker(experiment_name=experiment)
 tracker.start_run().__enter__()  # left open: the exit ends it
-print(tracker.run_id, flush=True)
+print("run", tracker.run_id, flush=True)
 sys.stdin.readline()  # the server is away from here on
 tracker.log_artifact(os.path.join(src, "weights.bin"), "checkpoints")
 tracker.log_text({TEXT!r}, "notes/log.txt")
@@ -76,28 +77,14 @@ def log_during_outage(
     experiment: str, src: Path, env: dict[str, str], go_away: Callable[[], None], model: bool
 ) -> tuple[str, str]:
     """Run the child: its run id, and its stderr once it has exited (normally)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SCRIPT, experiment, str(src), "model" if model else ""],
-        env={**os.environ, "ASYNCTRACK_EXIT_TIMEOUT": "2", **env},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        run_id = proc.stdout.readline().strip()
-        assert run_id, proc.communicate(timeout=60)[1]
+    args = [experiment, str(src), "model" if model else ""]
+    with child(_SCRIPT, args, {"ASYNCTRACK_EXIT_TIMEOUT": "2", **env}) as proc:
+        run_id = proc.expect("run")
         go_away()
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
-    return run_id, err
+        proc.send("go")
+        code = proc.wait(120)
+    assert code == 0, proc.stderr
+    return run_id, proc.stderr
 
 
 def sync(root: Path, *options: str) -> subprocess.CompletedProcess[str]:

@@ -461,6 +461,7 @@ def sync(
         f"stored {report.stored} events, refused {refused}"
         + (f" ({'; '.join(reasons)})" if reasons else "")
         + f", {report.left + kept} left"
+        + (f", {len(report.lost)} lost (staged copies gone)" if report.lost else "")
     )
     if len(report.directories) > 1:  # one line per dead process's directory
         for line in report.directories:
@@ -479,6 +480,8 @@ def sync(
         click.echo(f"runs left RUNNING (no end recorded): {', '.join(report.open_runs)}")
     for line in report.damaged:
         click.echo(f"damaged: {line}")
+    for line in report.lost:
+        click.echo(f"lost: {line}")
     for line in report.skipped:
         click.echo(f"skipped: {line}")
     for line in report.errors:

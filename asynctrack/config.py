@@ -85,7 +85,8 @@ DEFAULT_MULTIPART_PART_SIZE = 8 * 1024 * 1024
 DEFAULT_MULTIPART_CHECKSUMS = True
 #: Files or parts uploaded at once; each streams from disk, holding at most 1 MiB in memory.
 DEFAULT_MAX_CONCURRENT_UPLOADS = 8
-#: Where artifacts are copied at the call until stored ("": the system's temporary directory).
+#: Where artifacts are copied at the call until stored ("": beside the spool, in the
+#: process's spool directory; the system's temporary directory with the spool off).
 DEFAULT_STAGING_DIR = ""
 #: A proxied server's ``--artifacts-destination`` (``s3://...``): upload there directly
 #: instead of through the server ("": through the server).

@@ -26,6 +26,7 @@ import yaml
 
 import asynctrack
 from asynctrack import (
+    AccessDeniedError,
     DeliveryError,
     MLflowExperimentTracker,
     NestedRunTracker,
@@ -270,17 +271,22 @@ def test_proxied_server_with_destination_configured_uploads_straight_to_s3(
         "multipart_threshold": 5 * MiB,
         "multipart_part_size": 5 * MiB,
     }
-    with dedicated_engine(url, **settings):
+    denied = r"forbidden/small\.txt: S3 refused it: AccessDenied"
+    with dedicated_engine(url, spool_dir=str(tmp_path / "spool"), **settings):
         tracker = MLflowExperimentTracker(experiment_name=experiment_name, tracking_uri=url)
-        with tracker.start_run():
+        # the run's end waits behind the upload kept for a permission: kept too
+        with pytest.raises(AccessDeniedError, match=denied), tracker.start_run():
             tracker.log_artifact(big)
             tracker.log_artifact(small, "forbidden")  # denied to the S3 user, not the server
             run_id = tracker.run_id
-            with pytest.raises(DeliveryError, match=r"forbidden/small\.txt.*AccessDenied"):
+            with pytest.raises(AccessDeniedError, match=denied):
                 tracker.flush()
     assert run_id is not None
     # Read back through the server: the keys are where the server itself puts them.
     assert sha256(download(url, run_id, "big.bin", tmp_path)) == sha256(big)
+    # The denied file stays staged in the spool, for `asynctrack sync` once it is allowed.
+    [kept] = (tmp_path / "spool").glob("*/staged/*/forbidden/small.txt")
+    assert kept.read_bytes() == b"small"
 
 
 # ------------------------------------------------------------------------- decorator, async
@@ -471,40 +477,37 @@ def test_paths_leaving_the_run_raise_value_error(
     assert download(direct_mode.url, run_id, "kept.txt", tmp_path).read_bytes() == b"still stored"
 
 
-def test_refused_uploads_are_reported_and_the_rest_stored(
-    tracker: MLflowExperimentTracker,
-    artifact_mode: ArtifactMode,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+def test_uploads_s3_denies_are_kept_and_the_rest_stored(
+    direct_mode: ArtifactMode, experiment_name: str, tmp_path: Path
 ) -> None:
-    """The S3 user may not write under */forbidden/*: direct, asynctrack's upload is refused;
-    proxied, the server's write is (and MLflow's client would retry that 500 for minutes)."""
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    """The S3 user may not write under */forbidden/*: a permission refused, which the user
+    can fix, so those files are kept on disk (not refused) and everything else is stored."""
     src = tmp_path / "outputs"
     write(src / "ok.txt", b"ok")
     write(src / "forbidden/secret.txt", b"no")
     single = write(tmp_path / "alone.txt", b"alone")
-    with tracker.start_run():
-        tracker.log_artifacts(src)
-        tracker.log_artifact(single, "forbidden")
-        tracker.log_metric("loss", 0.5)
-        run_id = tracker.run_id
-        with pytest.raises(DeliveryError) as caught:
-            tracker.flush()
+    url = localhost(direct_mode.url)
+    with dedicated_engine(url, spool_dir=str(tmp_path / "spool")):
+        tracker = MLflowExperimentTracker(experiment_name=experiment_name, tracking_uri=url)
+        with pytest.raises(AccessDeniedError), tracker.start_run():
+            tracker.log_artifacts(src)
+            tracker.log_artifact(single, "forbidden")
+            tracker.log_metric("loss", 0.5)
+            run_id = tracker.run_id
+            with pytest.raises(AccessDeniedError) as caught:
+                tracker.flush()
+        stats = tracker.stats()
     assert run_id is not None
-    rejections = {r.key: r.reason for r in caught.value.rejections}
-    assert set(rejections) == {"./", "forbidden/alone.txt"}
-    assert "1 of 2 files not stored" in rejections["./"]
-    assert str(src / "forbidden/secret.txt") in rejections["./"]
-    assert str(single) in rejections["forbidden/alone.txt"]
-    if artifact_mode.name == "direct":
-        assert "AccessDenied (403)" in rejections["forbidden/alone.txt"]
-    assert download(artifact_mode.url, run_id, "ok.txt", tmp_path).read_bytes() == b"ok"
-    run = mlflow.MlflowClient(artifact_mode.url).get_run(run_id)
+    assert caught.value.rejections == []
+    [kept] = caught.value.kept
+    assert kept.count == 2 and "AccessDenied (403)" in kept.reason
+    assert download(url, run_id, "ok.txt", tmp_path).read_bytes() == b"ok"
+    run = mlflow.MlflowClient(url).get_run(run_id)
     assert run.data.metrics == {"loss": 0.5}
-    assert run.info.status == "FINISHED"
-    stats = tracker.stats()
-    assert stats.files_failed >= 2 and stats.files_queued == 0
+    assert run.info.status == "RUNNING"  # its end is kept behind the uploads
+    staged = {p.name: p.read_bytes() for p in (tmp_path / "spool").glob("*/staged/*/forbidden/*")}
+    assert staged == {"secret.txt": b"no", "alone.txt": b"alone"}
+    assert (stats.files_failed, stats.files_uploaded, stats.files_queued) == (0, 1, 2)
 
 
 def test_missing_bucket_reported_at_run_end(
@@ -522,8 +525,9 @@ def test_missing_bucket_reported_at_run_end(
     assert client.get_run(run_id).data.params == {"alpha": "0.1"}
 
 
-def test_wrong_credentials_reported_without_leaking_them(
+def test_wrong_credentials_keep_the_upload_until_fixed_and_never_leak(
     direct_mode: ArtifactMode,
+    s3: IamS3Server,
     experiment_name: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -532,15 +536,24 @@ def test_wrong_credentials_reported_without_leaking_them(
     key_id, secret = "AKIAWRONGWRONGWRONG1", "wrong-secret-" + uuid.uuid4().hex
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    tracker = MLflowExperimentTracker(experiment_name=experiment_name, tracking_uri=direct_mode.url)
+    url = localhost(direct_mode.url)
     caplog.set_level(logging.DEBUG, logger="asynctrack")
-    with tracker.start_run():
-        tracker.log_artifact(write(tmp_path / "a.txt", b"a"))
-        tracker.log_metric("m", 1.0)
-        run_id = tracker.run_id
-        with pytest.raises(DeliveryError, match=r"a\.txt.*InvalidAccessKeyId") as caught:
+    with dedicated_engine(url, spool_dir=str(tmp_path / "spool")):
+        tracker = MLflowExperimentTracker(experiment_name=experiment_name, tracking_uri=url)
+        with tracker.start_run():
+            tracker.log_artifact(write(tmp_path / "a.txt", b"a"))
+            tracker.log_metric("m", 1.0)
+            run_id = tracker.run_id
+            with pytest.raises(AccessDeniedError, match=r"a\.txt.*InvalidAccessKeyId") as caught:
+                tracker.flush()
+            for text in (str(caught.value), caplog.text, repr(asynctrack.stats())):
+                assert secret not in text and key_id not in text
+            # Fixed: the kept upload is sent again with the credentials read anew.
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
             tracker.flush()
     assert run_id is not None
-    for text in (str(caught.value), caplog.text, repr(asynctrack.stats())):
-        assert secret not in text and key_id not in text
-    assert mlflow.MlflowClient(direct_mode.url).get_run(run_id).data.metrics == {"m": 1.0}
+    assert download(url, run_id, "a.txt", tmp_path).read_bytes() == b"a"
+    run = mlflow.MlflowClient(url).get_run(run_id)
+    assert run.data.metrics == {"m": 1.0}
+    assert run.info.status == "FINISHED"

@@ -182,6 +182,8 @@ class Context:
     def __init__(self) -> None:
         self.config = EngineConfig()
         self.resources = Resources()
+        self.tracking_uri = "http://127.0.0.1:1"
+        self.retry = TINY
         self._files = FileCounters()
         self.transients: list[str] = []
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from children import child
 from faults import FaultProxy
-from test_faults_crash import child, child_env
+from test_faults_crash import child_env
 
 from asynctrack.testing import MlflowPostgresServer
 

@@ -4,6 +4,7 @@ the run, loaded back through MLflow from ``runs:/`` and ``models:/`` URIs."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import train_test_split
 
-from asynctrack import DeliveryError, MLflowExperimentTracker
+from asynctrack import AccessDeniedError, DeliveryError, MLflowExperimentTracker
 
 if TYPE_CHECKING:
     from artifact_servers import ArtifactMode
@@ -182,7 +183,7 @@ def test_tree_storage_trusted_unless_the_caller_says_otherwise(
     np.testing.assert_allclose(loaded.predict(X_test), forest.predict(X_test))
 
 
-def test_refused_model_upload_is_reported_and_model_marked_failed(
+def test_model_denied_for_credentials_is_kept_then_logged_once_fixed(
     direct_mode: ArtifactMode,
     experiment_name: str,
     diabetes: tuple[pd.DataFrame, ...],
@@ -190,13 +191,37 @@ def test_refused_model_upload_is_reported_and_model_marked_failed(
 ) -> None:
     X_train, _, y_train, _ = diabetes
     model = Ridge().fit(X_train, y_train)
+    good_key = os.environ["AWS_ACCESS_KEY_ID"]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAVALIDKEY0000")
     tracker = MLflowExperimentTracker(experiment_name=experiment_name, tracking_uri=direct_mode.url)
-    with pytest.raises(DeliveryError, match="InvalidAccessKeyId"), tracker.start_run():
+    client = mlflow.MlflowClient(direct_mode.url)
+    with tracker.start_run():
         handle = tracker.log_model(model, "ridge", pip_requirements=REQS)
         tracker.log_param("alpha", 1.0)
-    with pytest.raises(DeliveryError, match=r"model 'ridge'.*MLmodel.*InvalidAccessKeyId"):
-        handle.wait()
+        with pytest.raises(AccessDeniedError, match="InvalidAccessKeyId"):
+            tracker.flush()
+        with pytest.raises(AccessDeniedError, match="InvalidAccessKeyId"):
+            handle.wait()  # at once: the model is kept, not failed
+        assert client.get_logged_model(handle.model_id).status == LoggedModelStatus.PENDING
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", good_key)  # fixed: the next try gets through
+    info = handle.wait()
+    assert info.model_uri == f"models:/{handle.model_id}"
+    assert client.get_logged_model(handle.model_id).status == LoggedModelStatus.READY
+    assert client.get_run(handle.run_id).info.status == "FINISHED"
+
+
+def test_refused_model_upload_is_reported_and_model_marked_failed(
+    direct_mode: ArtifactMode, experiment_name: str, diabetes: tuple[pd.DataFrame, ...]
+) -> None:
+    X_train, _, y_train, _ = diabetes
+    model = Ridge().fit(X_train, y_train)
     client = mlflow.MlflowClient(direct_mode.url)
+    client.create_experiment(experiment_name, artifact_location="s3://no-such-bucket-here/x")
+    tracker = MLflowExperimentTracker(experiment_name=experiment_name, tracking_uri=direct_mode.url)
+    with pytest.raises(DeliveryError, match="NoSuchBucket"), tracker.start_run():
+        handle = tracker.log_model(model, "ridge", pip_requirements=REQS)
+        tracker.log_param("alpha", 1.0)
+    with pytest.raises(DeliveryError, match=r"model 'ridge'.*MLmodel.*NoSuchBucket"):
+        handle.wait()
     assert client.get_logged_model(handle.model_id).status == LoggedModelStatus.FAILED
     assert client.get_run(handle.run_id).data.params == {"alpha": "1.0"}

@@ -153,6 +153,22 @@ def test_connection_errors_are_transient() -> None:
     assert str(sorted_error) == "ConnectionRefusedError: [Errno 111] Connection refused"
 
 
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(401, Held), (403, Held), (500, Transient), (503, Transient), (400, Refused), (404, Refused)],
+)
+def test_answers_of_the_artifact_proxy_are_sorted_by_status(status: int, kind: type) -> None:
+    """MLflow's artifact repository raises requests' HTTPError (an OSError) for the
+    tracking server's answer to an upload: judged by its status as any answer is, so a
+    refused permission is kept and a bad path refused, not retried as a lost connection."""
+    import requests
+
+    response = requests.Response()
+    response.status_code, response._content = status, b"Permission denied"
+    error = requests.HTTPError(f"{status} Error", response=response)
+    assert isinstance(sort_mlflow_error(error), kind)
+
+
 def test_any_other_error_is_refused_whole() -> None:
     sorted_error = sort_mlflow_error(KeyError("AWS_SECRET_ACCESS_KEY"))
     assert isinstance(sorted_error, Refused) and not sorted_error.splittable

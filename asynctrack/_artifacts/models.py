@@ -7,9 +7,12 @@ the signature inferred from ``input_example``, so later changes to the model obj
 leak into what is stored. The worker then does the rest as MLflow does: create the logged
 model (``source_run_id`` = the run, the run's params), link it to the run as an output,
 stamp its id into ``MLmodel``, upload the files to the model's own artifact location
-(``<experiment>/models/m-<id>/artifacts``), finalize it READY (FAILED if anything fails) and,
-with ``registered_model_name``, create a model version from ``models:/m-<id>``. Both
-``runs:/<run_id>/<name>`` and ``models:/m-<id>`` then load it.
+(``<experiment>/models/m-<id>/artifacts``), finalize it READY (FAILED if anything is
+refused) and, with ``registered_model_name``, create a model version from
+``models:/m-<id>``. Both ``runs:/<run_id>/<name>`` and ``models:/m-<id>`` then load it.
+Each step's failures are sorted as an artifact upload's are (:mod:`.upload`): retried
+while the server is away, kept when the credentials or a permission are refused (the job
+runs again later from the step it stopped at), final only when refused.
 
 Inferring pip requirements starts a Python subprocess that loads the model (about 10 s
 for scikit-learn); for scikit-learn models given no explicit requirements, that inference
@@ -33,11 +36,19 @@ import anyio.to_thread
 
 from asynctrack._artifacts import staging
 from asynctrack._artifacts.paths import check_model_name
-from asynctrack._artifacts.upload import clean_at_stop, store
+from asynctrack._artifacts.upload import Upload, clean_at_stop, mlflow_call, store
+from asynctrack._engine import spool
 from asynctrack._engine.events import Job
 from asynctrack._engine.jobs import JobContext
 from asynctrack._engine.retry import GaveUp
-from asynctrack.errors import DeliveryError, FlushTimeoutError, Rejection
+from asynctrack._engine.transport import Held, redact
+from asynctrack.errors import (
+    AccessDeniedError,
+    DeliveryError,
+    FlushTimeoutError,
+    KeptEvents,
+    Rejection,
+)
 
 # MLflow's default wait for a new model version to become READY.
 _AWAIT_REGISTRATION = 300
@@ -54,15 +65,21 @@ class LoggedModelHandle:
     the server has created the logged model, a moment after the call (reading them waits for
     that). ``wait()`` returns MLflow's ``ModelInfo`` once the files are stored (and the
     version registered), or raises what went wrong; a failure is also reported by the next
-    ``flush()`` or the run's end.
+    ``flush()`` or the run's end. While the server holds the model back (credentials or a
+    permission refused), ``wait()`` raises AccessDeniedError at once: the model is kept and
+    tried again, and a ``wait()`` after that try waits for its outcome.
     """
 
-    def __init__(self, run_id: str, name: str, timeout: float) -> None:
+    def __init__(
+        self, run_id: str, name: str, timeout: float, server: str = "", where: str = ""
+    ) -> None:
         self.run_id = run_id
         self.name = name
         self._timeout = timeout
+        self._server, self._where = server, where  # for AccessDeniedError: who, and the spool
         self._model_id: concurrent.futures.Future[str] = concurrent.futures.Future()
         self._info: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._held: AccessDeniedError | None = None  # while held back, until the next try
 
     def __repr__(self) -> str:
         if not self._info.done():
@@ -78,7 +95,7 @@ class LoggedModelHandle:
     @property
     def model_id(self) -> str:
         """The logged model's id (``m-...``); waits until the server has created it."""
-        return str(self._result(self._model_id, None, "created"))
+        return str(self._result("_model_id", None, "created"))
 
     @property
     def model_uri(self) -> str:
@@ -89,17 +106,18 @@ class LoggedModelHandle:
 
     def wait(self, timeout: float | None = None) -> Any:
         """Block until the model is stored (and registered); return its ``ModelInfo``."""
-        return self._result(self._info, timeout, "stored")
+        return self._result("_info", timeout, "stored")
 
     async def wait_async(self, timeout: float | None = None) -> Any:
         """:meth:`wait` without blocking the event loop."""
         return await anyio.to_thread.run_sync(self.wait, timeout, abandon_on_cancel=True)
 
-    def _result(
-        self, future: concurrent.futures.Future[Any], timeout: float | None, what: str
-    ) -> Any:
+    def _result(self, name: str, timeout: float | None, what: str) -> Any:
         limit = self._timeout if timeout is None else timeout
+        future: concurrent.futures.Future[Any] = getattr(self, name)
         try:
+            if self._held is not None and not future.done():
+                raise self._held
             return future.result(limit)
         except concurrent.futures.TimeoutError:
             raise FlushTimeoutError(
@@ -107,6 +125,8 @@ class LoggedModelHandle:
                 "it is still being logged",
                 1,
             ) from None
+        except AccessDeniedError:
+            raise
         except Exception as exc:
             raise DeliveryError([Rejection(self.run_id, "model", self.name, str(exc))]) from None
 
@@ -114,6 +134,19 @@ class LoggedModelHandle:
         for future in (self._model_id, self._info):
             if not future.done():
                 future.set_exception(exc)
+
+    def _hold(self, reason: str) -> None:
+        """Held back for credentials or a permission: whoever waits is told at once, until
+        the next try (``_resume``)."""
+        self._held = AccessDeniedError([], [KeptEvents(self._server, 1, reason, self._where)])
+        for name in ("_model_id", "_info"):
+            future = getattr(self, name)
+            if not future.done():  # a fresh one for the next try's outcome
+                setattr(self, name, concurrent.futures.Future())
+                future.set_exception(self._held)
+
+    def _resume(self) -> None:
+        self._held = None
 
 
 def log_model(
@@ -167,7 +200,11 @@ def log_model(
     except BaseException:
         staging.remove(area)
         raise
-    handle = LoggedModelHandle(run.run_id, name, run.engine.config.flush_timeout)
+    engine = run.engine
+    server = redact(run.tracking_uri)
+    handle = LoggedModelHandle(
+        run.run_id, name, engine.config.flush_timeout, server, engine.spool_dir()
+    )
     job = _LoggedModel(
         run=run,
         name=name,
@@ -246,8 +283,9 @@ class _LoggedModel:
     step: int
     await_registration_for: int
     files: list[staging.StagedFile] = field(default_factory=list)
-    mlmodel: Any = None  # the MLmodel as stamped; its file is gone once uploaded
-    settled: bool = False  # the files' outcome is counted (by the upload, or as failed)
+    mlmodel: Any = None  # the MLmodel as stamped
+    logged: Any = None  # the logged model, once created
+    upload: Upload | None = None  # the files as their upload goes, once prepared
 
     def spec(self) -> dict[str, Any]:
         """What the spool keeps (plain values) for ``asynctrack sync`` to log the model
@@ -287,35 +325,36 @@ class _LoggedModel:
 
     async def work(self, jobs: JobContext) -> None:
         clean_at_stop(jobs)
-        logged: Any = None
-        finished = False
+        self.handle._resume()
         try:
-            logged = await jobs.run_blocking(self._create)
-            self.handle._model_id.set_result(logged.model_id)
-            await jobs.run_blocking(partial(self._prepare, logged, jobs.files))
-            self.settled = True
-            await store(jobs, logged.artifact_location, self.run.tracking_uri, self.files)
-            info = await jobs.run_blocking(partial(self._finish, logged))
-            self.handle._info.set_result(info)
-            finished = True
+            info = await self._log(jobs)
+        except Held as exc:  # kept: the dispatcher runs this job again later
+            self.handle._hold(exc.reason)
+            raise
         except (asyncio.CancelledError, GaveUp) as exc:
             # Cut short (the exit deadline, or sync's): the staged files stay, and the
             # spool's record lets `asynctrack sync` log the model.
             self.handle._fail(exc)
             raise
-        except BaseException as exc:
-            finished = True  # reported: nothing is left to redo
-            if not self.settled:
-                counters = jobs.files
-                for staged in self.files:
-                    counters.failed(staged.size)
+        except BaseException as exc:  # refused: reported, and nothing is left to redo
+            for staged in self.files if self.upload is None else self.upload.files:
+                jobs.files.failed(staged.size)
             self.handle._fail(exc)
-            if logged is not None:
-                await jobs.run_blocking(partial(self._finalize_failed, logged))
+            if self.logged is not None:
+                await jobs.run_blocking(partial(self._finalize_failed, self.logged))
             raise
-        finally:
-            if finished:
-                await jobs.run_blocking(partial(staging.remove, self.area))
+        self.handle._info.set_result(info)
+
+    async def _log(self, jobs: JobContext) -> Any:
+        """The steps not done yet (a job held back goes on from where it stopped)."""
+        if self.logged is None:
+            self.logged = await mlflow_call(jobs, self._create)
+            self.handle._model_id.set_result(self.logged.model_id)
+        if self.upload is None:
+            await jobs.run_blocking(partial(self._prepare, self.logged, jobs.files))
+            self.upload = Upload(self.files)
+        await store(jobs, self.logged.artifact_location, self.run.tracking_uri, self.upload)
+        return await mlflow_call(jobs, partial(self._finish, self.logged))
 
     def _client(self) -> Any:
         from asynctrack._gate import plain_client
@@ -387,11 +426,23 @@ class _LoggedModel:
             return
 
 
-def replayed(run_id: str, area: str, spec: dict[str, Any], tracking_uri: str) -> _LoggedModel:
-    """A model a dead process left staged (its spool's record), to be logged by ``sync``."""
+def replayed(record: spool.Model) -> tuple[Job | None, list[str]]:
+    """A ``log_model`` a dead process left staged (its spool's record), for ``sync``: the
+    job that logs it (the whole flow again: a logged model the dead process had created
+    stays PENDING beside the new one), or the model's name if its staged copy is gone."""
+    run_id, area, spec = record.run_id, record.path, record.spec
+    name = str(spec.get("name", area))
+    if not (Path(area) / name / "MLmodel").is_file():
+        return None, [name]
+
+    async def work(jobs: JobContext) -> None:
+        await _replayed(run_id, area, spec, jobs.tracking_uri).work(jobs)
+
+    return Job(run_id, "model", name, work, spooled=(area, spec)), []
+
+
+def _replayed(run_id: str, area: str, spec: dict[str, Any], tracking_uri: str) -> _LoggedModel:
     local = Path(area) / spec["name"]
-    if not (local / "MLmodel").is_file():
-        raise FileNotFoundError(f"lost: the staged model {local} is gone")
     run = SimpleNamespace(
         run_id=run_id, experiment_id=spec["experiment_id"], tracking_uri=tracking_uri
     )

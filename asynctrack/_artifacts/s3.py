@@ -10,9 +10,16 @@ Every request (a whole small file, or one part of a large one) holds one of the 
 ``max_concurrent_uploads`` slots; bodies above 1 MiB are streamed from the staged copy a
 chunk at a time, so memory stays within slots x 1 MiB whatever the file sizes; their
 SHA-256 (signed, so the server checks it) is computed on the I/O threads, not the loop.
-Botocore's own retries are off: transient failures (connection errors, timeouts, 5xx,
-throttling) are retried here with backoff and jitter, counted and noted on the engine;
-anything else is permanent and raised.
+Botocore's own retries are off: S3's answers are sorted here (:func:`sort_error`), the one
+place that says what each means:
+
+- transient: connection errors, timeouts, 5xx, 429 and S3's throttling codes; retried with
+  the job context's retry policy, counted and noted on the engine;
+- held: the credentials or a permission refused (``AccessDenied``, ``InvalidAccessKeyId``,
+  ``SignatureDoesNotMatch``, ``ExpiredToken`` and kin, or no credentials at all): the
+  user can fix them, so the files are kept and the job is tried again later;
+- refused: anything else (``NoSuchBucket``, ``InvalidBucketName``, ``EntityTooLarge``,
+  ``KeyTooLongError``...): final, reported with S3's code and message.
 """
 
 from __future__ import annotations
@@ -33,13 +40,12 @@ from typing import Any, TypeVar
 from asynctrack._artifacts.paths import join, split_s3_uri
 from asynctrack._artifacts.staging import StagedFile
 from asynctrack._engine.jobs import JobContext
-from asynctrack._engine.retry import RetryPolicy
+from asynctrack._engine.retry import GaveUp
 from asynctrack._engine.stats import FileCounters
 from asynctrack._engine.transport import Held, Refused, Transient, redact
 
 T = TypeVar("T")
 
-_RETRY = RetryPolicy(first=0.25, maximum=8.0)  # the same as the batches'
 _MAX_PARTS = 10_000  # S3's limit; larger files get larger parts
 _CHUNK = 1024 * 1024  # bodies above this are streamed from disk in chunks of this size
 _SIGNER = "asynctrack-s3v4"  # our signer's name in botocore's registry
@@ -55,6 +61,19 @@ _TRANSIENT_CODES = frozenset(
         "InternalError",
         "ServiceUnavailable",
         "XMinioServerNotInitialized",
+    }
+)
+# Error codes for "who asks" rather than "what is sent": wrong, expired or missing
+# credentials, a clock too far off to sign, a policy that denies the write.
+_HELD_CODES = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "RequestTimeTooSkewed",
     }
 )
 
@@ -119,6 +138,24 @@ def describe(exc: BaseException, settings: S3Settings) -> str:
     return redact(text)
 
 
+def sort_error(exc: BaseException, settings: S3Settings) -> Transient | Held | Refused:
+    """What S3's answer (or its absence) means for the file sent: see the module's doc."""
+    reason = describe(exc, settings)
+    if is_transient(exc):
+        return Transient(f"S3 upload: {reason}")
+    if is_held(exc):
+        return Held(reason)
+    return Refused(reason, splittable=False)
+
+
+def is_held(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
+    if isinstance(exc, ClientError):
+        return exc.response.get("Error", {}).get("Code", "") in _HELD_CODES
+    return isinstance(exc, (NoCredentialsError, PartialCredentialsError))
+
+
 def is_transient(exc: BaseException) -> bool:
     import aiohttp
     from botocore.exceptions import ClientError, HTTPClientError
@@ -159,7 +196,7 @@ class S3Uploader:
                     await self._send(
                         self.client.put_object, staged.path, 0, staged.size, Key=key, **args
                     )
-        except UploadFailed:
+        except (UploadFailed, Held, GaveUp):
             raise
         except Exception as exc:
             raise UploadFailed(describe(exc, self.settings)) from None
@@ -246,22 +283,19 @@ class S3Uploader:
             raise
 
     async def _retrying(self, size: int, call: Callable[[], Awaitable[T]]) -> T:
-        """The one retry policy, with S3's answers sorted into transient and refused."""
+        """The job's retry policy, with S3's answers sorted by :func:`sort_error`."""
 
         async def sorted_call() -> T:
             try:
                 return await call()
             except Exception as exc:
-                reason = describe(exc, self.settings)
-                if is_transient(exc):
-                    raise Transient(f"S3 upload: {reason}") from None
-                raise Refused(reason, splittable=False) from None
+                raise sort_error(exc, self.settings) from None
 
         def retrying(exc: Transient) -> None:
             self.jobs.note_transient(str(exc))
             self.counters.retried(size)
 
-        result = await _RETRY.attempt(sorted_call, retrying)
+        result = await self.jobs.retry.attempt(sorted_call, retrying)
         if isinstance(result, Refused):
             raise UploadFailed(result.reason)
         if isinstance(result, Held):

@@ -4,43 +4,73 @@
 configured) go straight to S3 through :class:`~asynctrack._artifacts.s3.S3Uploader`; any
 other root (``mlflow-artifacts:`` through the server, ``file:``, local paths, other clouds)
 through MLflow's own artifact repository, one blocking call per file on the engine's I/O
-threads. MLflow's HTTP client already retries connection errors and 5xx responses with
-backoff, so its failures are final here.
+threads. ``asynctrack sync`` uploads what a process left staged the same way.
 
-Every file is tried; each one's staged copy is removed as soon as it is stored or failed,
-so disk use shrinks as the job goes. The job fails with one message naming every file not
-stored and why, and that message becomes the run's rejection at the next flush.
+Each file's fate follows its server's answer, sorted in one place per kind of server
+(:func:`asynctrack._artifacts.s3.sort_error` for S3,
+:func:`asynctrack._engine.transport.sort_mlflow_error` for the tracking server and MLflow's
+repositories):
+
+- stored: the file is done;
+- transient (the server or S3 away, a timeout, a 5xx, MLflow's own retries exhausted):
+  tried again with the job context's retry policy, as long as the process lives (the exit
+  deadline cuts it short) or, in ``sync``, until its ``--timeout``;
+- held (credentials or a permission refused): the job raises
+  :class:`~asynctrack._engine.transport.Held`; the dispatcher keeps it and runs it again
+  later, for the files not stored yet, with credentials resolved anew;
+- refused (any other answer: the data itself, a bucket that does not exist): final, and
+  reported at the next flush naming the file and the reason.
+
+The staged copies stay until the whole job is done (every file stored or refused): then
+the spool marks the upload done and removes them (``Intake.note_done``). A job cut short
+keeps them, and its spool record, for ``asynctrack sync``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import posixpath
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from asynctrack._artifacts import staging
-from asynctrack._artifacts.paths import direct_s3_uri
+from asynctrack._artifacts.paths import direct_s3_uri, join
 from asynctrack._artifacts.s3 import S3Uploader, UploadFailed
 from asynctrack._artifacts.staging import StagedFile
 from asynctrack._engine.events import Job
 from asynctrack._engine.jobs import JobContext
+from asynctrack._engine.retry import GaveUp
 from asynctrack._engine.stats import FileCounters
-from asynctrack._engine.transport import redact
+from asynctrack._engine.transport import Held, Refused, Transient, redact, sort_mlflow_error
 
 if TYPE_CHECKING:
+    from asynctrack._engine.spool import Artifact
     from asynctrack._runs import Run
 
+T = TypeVar("T")
 Send = Callable[[StagedFile, asyncio.Semaphore], Awaitable[None]]
 
 _SHOWN = 10  # failed files named in one message
 
 
 class ArtifactsNotStored(Exception):
-    """Some files of one call could not be stored; the message names them."""
+    """Some files of one call were refused; the message names them."""
+
+
+@dataclass
+class Upload:
+    """One call's staged files as its job goes: those not stored yet, and those refused
+    (a job held back runs again later, for the rest only)."""
+
+    files: list[StagedFile]
+    total: int = 0
+    refused: list[tuple[StagedFile, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.total = self.total or len(self.files)
 
 
 def queue_files(run: Run, kind: str, label: str, area: Path, files: list[StagedFile]) -> None:
@@ -49,19 +79,18 @@ def queue_files(run: Run, kind: str, label: str, area: Path, files: list[StagedF
     if not files:
         staging.remove(area)
         return
+    upload = Upload(files)
 
     async def work(jobs: JobContext) -> None:
-        try:
-            await store(jobs, run.artifact_uri, run.tracking_uri, files)
-        finally:
-            await jobs.run_blocking(partial(staging.remove, area))
+        await store(jobs, run.artifact_uri, run.tracking_uri, upload)
 
     counters = engine.files
     counters.queued(len(files), sum(f.size for f in files))
+    # The spool keeps the area, laid out as run-relative paths, and the files it must hold:
+    # all that `asynctrack sync` needs to upload them, or to name those that are gone.
+    record = {"label": label, "files": [[f.dest, f.size] for f in files]}
     try:
-        # The spool keeps the area: laid out as run-relative paths, it is all that
-        # `asynctrack sync` needs to upload what a crash left behind.
-        engine.put(Job(run.run_id, kind, label, work, spooled=(str(area), None)))
+        engine.put(Job(run.run_id, kind, label, work, spooled=(str(area), record)))
     except BaseException:
         counters.queued(-len(files), -sum(f.size for f in files))
         staging.remove(area)
@@ -81,30 +110,71 @@ def clean_at_stop(jobs: JobContext) -> None:
         jobs.resources.exit_stack.callback(release)
 
 
-async def store(
-    jobs: JobContext, artifact_uri: str, tracking_uri: str, files: Sequence[StagedFile]
-) -> None:
-    """Upload ``files`` under ``artifact_uri``; raise ArtifactsNotStored naming failures."""
+async def store(jobs: JobContext, artifact_uri: str, tracking_uri: str, upload: Upload) -> None:
+    """Upload the files of ``upload`` not stored yet under ``artifact_uri``; raise
+    ArtifactsNotStored naming those refused, Held if some were held back, GaveUp or
+    CancelledError if cut short (the files not stored stay in ``upload``)."""
     clean_at_stop(jobs)
     counters = jobs.files
+    files = upload.files
     try:
         send = _sender(jobs, artifact_uri, tracking_uri, counters)
-    except Exception as exc:  # no way to store there (an unknown scheme, say): all fail
+    except Exception as exc:  # no way to store there (an unknown scheme, say): all refused
+        reason = redact(f"no file stored under {artifact_uri}: {type(exc).__name__}: {exc}")
         for staged in files:
             counters.failed(staged.size)
-        raise ArtifactsNotStored(
-            redact(f"no file stored under {artifact_uri}: {type(exc).__name__}: {exc}")
-        ) from None
+        upload.files = []
+        raise ArtifactsNotStored(reason) from None
     slots = _slots(jobs)
-    results = await asyncio.gather(
-        *(_store_one(send, slots, counters, f) for f in files), return_exceptions=True
-    )
-    failures = [(f, r) for f, r in zip(files, results, strict=True) if isinstance(r, BaseException)]
-    for _, result in failures:
-        if isinstance(result, asyncio.CancelledError):
-            raise result
-    if failures:
-        raise ArtifactsNotStored(_message(len(files), failures))
+    results = await asyncio.gather(*(send(f, slots) for f in files), return_exceptions=True)
+    held, stop = [], None
+    upload.files = []
+    for staged, result in zip(files, results, strict=True):
+        if result is None:
+            counters.uploaded(staged.size)
+        elif isinstance(result, (Held, GaveUp, asyncio.CancelledError)):
+            upload.files.append(staged)  # not stored: kept for the job's next run
+            if isinstance(result, Held):
+                held.append(f"{staged.dest}: {result.reason}")
+            else:
+                stop = stop or result
+        elif isinstance(result, Exception):
+            counters.failed(staged.size)
+            upload.refused.append((staged, str(result) or repr(result)))
+        else:
+            raise result  # KeyboardInterrupt and the like
+    if stop is not None:
+        raise stop
+    if held:
+        more = f" (and {len(held) - 1} more files)" if len(held) > 1 else ""
+        raise Held(held[0] + more)
+    if upload.refused:
+        raise ArtifactsNotStored(_message(upload.total, upload.refused))
+
+
+async def mlflow_call(jobs: JobContext, fn: Callable[[], T], size: int = 0) -> T:
+    """``fn`` (a blocking call through MLflow's client or an artifact repository) on an
+    I/O thread, its failures sorted by ``sort_mlflow_error``: retried while transient,
+    Held raised as it is, a refusal raised as UploadFailed. ``size``: the bytes a retry
+    sends again, for the counters."""
+
+    async def call() -> T:
+        try:
+            return await jobs.run_blocking(fn)
+        except Exception as exc:
+            raise sort_mlflow_error(exc) from None
+
+    def retrying(exc: Transient) -> None:
+        jobs.note_transient(str(exc))
+        if size:
+            jobs.files.retried(size)
+
+    result = await jobs.retry.attempt(call, retrying)
+    if isinstance(result, Held):
+        raise result
+    if isinstance(result, Refused):
+        raise UploadFailed(result.reason)
+    return result
 
 
 def _sender(jobs: JobContext, artifact_uri: str, tracking_uri: str, counters: FileCounters) -> Send:
@@ -120,10 +190,7 @@ def _sender(jobs: JobContext, artifact_uri: str, tracking_uri: str, counters: Fi
         # <area>/<dest>, so its name is the destination's.
         directory = posixpath.dirname(staged.dest) or None
         async with slots:
-            try:
-                await jobs.run_blocking(partial(repo.log_artifact, staged.path, directory))
-            except Exception as exc:
-                raise UploadFailed(redact(f"{type(exc).__name__}: {exc}")) from None
+            await mlflow_call(jobs, partial(repo.log_artifact, staged.path, directory), staged.size)
 
     return through_mlflow
 
@@ -135,30 +202,60 @@ def _slots(jobs: JobContext) -> asyncio.Semaphore:
     return jobs.resources.upload_slots
 
 
-async def _store_one(
-    send: Send, slots: asyncio.Semaphore, counters: FileCounters, staged: StagedFile
-) -> None:
-    try:
-        await send(staged, slots)
-    except Exception:
-        counters.failed(staged.size)
-        raise
-    else:
-        counters.uploaded(staged.size)
-    finally:
-        _unlink(staged.path)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        return  # already gone: the area is removed at the end anyway
-
-
-def _message(total: int, failures: list[tuple[StagedFile, BaseException]]) -> str:
+def _message(total: int, failures: Sequence[tuple[StagedFile, str]]) -> str:
     lines = [f"{f.source} -> {f.dest}: {error}" for f, error in failures[:_SHOWN]]
     more = len(failures) - _SHOWN
     head = "not stored" if total == 1 else f"{len(failures)} of {total} files not stored"
     tail = f"; and {more} more" if more > 0 else ""
     return f"{head}: " + "; ".join(lines) + tail
+
+
+# ------------------------------------------------------------------------- asynctrack sync
+
+
+def replayed(record: Artifact) -> tuple[Job | None, list[str]]:
+    """The upload a dead process left staged (its spool record), for ``sync``: a job for
+    the staged files still there, and the run-relative paths of those that are gone (a
+    file missing, or not the size it was staged with)."""
+    run_id, area = record.run_id, Path(record.path)
+    if record.files is not None:
+        files, lost = [], []
+        for dest, size in record.files:
+            path = area / dest
+            if path.is_file() and path.stat().st_size == size:
+                files.append(StagedFile(str(path), dest, str(path), size))
+            else:
+                lost.append(dest)
+        label = record.label or (files[0].dest if files else "")
+    else:  # an older spool: a staged file and its directory, or an area
+        files = _older(area, record.artifact_path)
+        label = record.path
+        lost = [] if files else [join(record.artifact_path or "", area.name)]
+    if not files:
+        return None, lost
+    upload = Upload(files)
+
+    async def work(jobs: JobContext) -> None:
+        uri = await mlflow_call(jobs, partial(_artifact_uri, jobs.tracking_uri, run_id))
+        await store(jobs, uri, jobs.tracking_uri, upload)
+
+    return Job(run_id, "artifact", label, work, spooled=(record.path, None)), lost
+
+
+def _older(path: Path, artifact_path: str | None) -> list[StagedFile]:
+    if path.is_file():
+        dest = join(artifact_path or "", path.name)
+        return [StagedFile(str(path), dest, str(path), path.stat().st_size)]
+    if not path.is_dir():
+        return []
+    return [
+        StagedFile(f.path, join(artifact_path or "", f.dest), f.source, f.size)
+        for f in staging.staged_tree(path)
+    ]
+
+
+def _artifact_uri(tracking_uri: str, run_id: str) -> str:
+    from asynctrack._gate import plain_client
+
+    client: Any = plain_client(tracking_uri)
+    return str(client.get_run(run_id).info.artifact_uri)

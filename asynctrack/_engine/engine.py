@@ -74,6 +74,9 @@ class State(enum.Enum):
 
 
 class Engine:
+    #: For jobs (uploads): transient failures are retried as long as the process lives.
+    retry = LIVE_RETRY
+
     def __init__(
         self,
         tracking_uri: str,
@@ -124,6 +127,12 @@ class Engine:
     def pending(self) -> int:
         """Events accepted and not yet stored or refused (flush barriers are not events)."""
         return self.queue.waiting() + self.ledger.held
+
+    def start(self) -> None:
+        """Start the worker now if it is not running (raises EngineClosedError after
+        exit): its spool directory exists once this returns."""
+        if not self.open:
+            self._start()
 
     def spool_dir(self) -> str:
         writer = self.intake.writer

@@ -207,10 +207,17 @@ class Intake:
                 self._keep(0, [self._backlog_barriers.popleft()[1]])
 
     def note_done(self, job: Job, segment: int, stored: bool) -> None:
-        """Tell ``sync`` that ``job``'s upload is finished, so it never redoes it."""
-        if self.writer is not None and job.spooled is not None:
-            with contextlib.suppress(spool.SpoolError):
+        """``job``'s upload is finished (stored, or refused for good): tell ``sync`` never
+        to redo it, then let go of its staged copy. In that order: a crash between the two
+        leaves a copy ``sync`` removes, never a record whose copy is gone."""
+        if job.spooled is None:
+            return
+        if self.writer is not None:
+            try:
                 self.writer.append(spool.done_record(job.run_id, job.spooled[0]))
+            except spool.SpoolError:
+                return  # the copy stays: a sync after a crash would upload it again
+        spool.remove_staged(Path(job.spooled[0]))
 
     # ------------------------------------------------------------------ settling
 
@@ -291,7 +298,7 @@ class Intake:
                 self.writer.close(empty=self.waiting == 0)
 
 
-_NOT_SENT = (spool.Artifact, spool.ArtifactDone, spool.Settled)
+_NOT_SENT = (spool.Artifact, spool.Model, spool.ArtifactDone, spool.Settled)
 _reported: set[str] = set()
 
 

@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from asynctrack._engine.retry import RetryPolicy
 from asynctrack._engine.stats import FileCounters
 from asynctrack.config import EngineConfig
 
@@ -31,11 +33,17 @@ class Resources:
     upload_slots: asyncio.Semaphore | None = None
     #: Whether staging areas are removed when the worker stops (once registered).
     staging_cleanup: bool = False
+    #: Where this engine's calls stage their files, once the first call chose it.
+    staging: Path | None = None
 
 
 class JobContext(Protocol):
     config: EngineConfig
     resources: Resources
+    tracking_uri: str
+    #: How a job retries what its server answered as transient: as long as the process
+    #: lives (the exit deadline cuts it short), or, in ``asynctrack sync``, its --timeout.
+    retry: RetryPolicy
 
     @property
     def files(self) -> FileCounters:

@@ -34,6 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from asynctrack._artifacts import models, upload
 from asynctrack._engine import spool
 from asynctrack._engine.dispatcher import Dispatcher
 from asynctrack._engine.events import Job, MetaEvent, to_seconds
@@ -48,11 +49,9 @@ from asynctrack._engine.threads import DaemonPool, run_each
 from asynctrack._engine.transport import (
     Held,
     Refused,
-    Transient,
     Transport,
     make_transport,
     redact,
-    sort_mlflow_error,
 )
 from asynctrack.config import EngineConfig
 from asynctrack.errors import KeptEvents, Rejection
@@ -63,6 +62,7 @@ T = TypeVar("T")
 _REQUEST_TIMEOUT = 30.0
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
 _AT_ONCE = 8  # directories replayed at once
+_LISTS = ("refused", "kept", "damaged", "lost", "skipped", "ended_runs", "open_runs", "errors")
 
 
 @dataclass
@@ -75,6 +75,8 @@ class SyncReport:
     kept: list[KeptEvents] = field(default_factory=list)
     left: int = 0  # events still on disk: the deadline passed, or a directory was not sent
     damaged: list[str] = field(default_factory=list)
+    #: uploads whose staged copy is gone (run, artifact path, where it was): never stored
+    lost: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # directories in use
     ended_runs: list[str] = field(default_factory=list)  # no end spooled: ended with `status`
     open_runs: list[str] = field(default_factory=list)  # no end spooled, left RUNNING
@@ -83,13 +85,13 @@ class SyncReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.refused or self.kept or self.left or self.damaged or self.errors)
+        problems = (self.refused, self.kept, self.left, self.damaged, self.lost, self.errors)
+        return not any(problems)
 
     def add(self, other: SyncReport) -> None:
         self.stored += other.stored
         self.left += other.left
-        names = ("refused", "kept", "damaged", "skipped", "ended_runs", "open_runs", "errors")
-        for name in names:
+        for name in _LISTS:
             getattr(self, name).extend(getattr(other, name))
         self.directories.extend(other.directories)
 
@@ -154,7 +156,7 @@ def discard(root: Path) -> list[DirStatus]:
                     for _, events in spool.read_segment(segment).records:
                         for event in events:
                             if isinstance(event, (spool.Artifact, spool.Model)):
-                                _remove_staged(Path(event.path))
+                                spool.remove_staged(Path(event.path), parents=True)
             shutil.rmtree(found.directory, ignore_errors=True)
         dropped.append(found)
     return dropped
@@ -274,7 +276,7 @@ class _Directory:
             await dispatcher.settle()
         finally:
             dispatcher.close()
-            jobs.close()
+            await jobs.close()
 
     def _uri(self) -> str | None:
         uri = self.override or self.found.owner.get("tracking_uri")
@@ -333,8 +335,9 @@ class SegmentSource:
 
     Each segment is read whole when the dispatcher reaches it, less the records marked
     settled; once all its events are settled it is deleted (renamed ``.damaged`` if part
-    of it could not be read), and the staged uploads it named go with it. What settled in
-    a segment that stays (the sync was cut short) is marked in it at ``close``.
+    of it could not be read), and the staged copies of the uploads it named, now done, go
+    with it. An upload whose staged copy is gone is reported as lost as it is read. What
+    settled in a segment that stays (the sync was cut short) is marked in it at ``close``.
     """
 
     def __init__(
@@ -350,7 +353,7 @@ class SegmentSource:
         self._records: deque[tuple[list[Any], tuple[int, int]]] = deque()
         self._outstanding: dict[int, int] = {}
         self._read: dict[int, spool.Segment] = {}
-        self._uploaded: dict[int, list[str]] = {}
+        self._done: dict[int, list[str]] = {}  # segment -> staged copies of finished uploads
         self.end_times: dict[str, int] = {}  # run -> its end time, when its end was read
         self._last_metric: dict[str, float] = {}
         self._handed: deque[tuple[int, int]] = deque()  # (index + 1, start) of chunks out
@@ -378,7 +381,7 @@ class SegmentSource:
         self._read[number] = segment
         count = 0
         for start, events in segment.spans():
-            event = partial(self._event, mtime, (segment.number, start) in self._skip)
+            event = partial(self._event, number, mtime, (segment.number, start) in self._skip)
             chunk = [e for e in map(event, events) if e is not None]
             count += len(chunk)
             if chunk:
@@ -387,7 +390,7 @@ class SegmentSource:
         if not count:
             self._settled(number)
 
-    def _event(self, mtime: float, skip: bool, event: Any) -> Any:
+    def _event(self, number: int, mtime: float, skip: bool, event: Any) -> Any:
         if type(event) is tuple:
             when = to_seconds(event[3])
             self._last_metric[event[0]] = max(self._last_metric.get(event[0], 0), when)
@@ -395,9 +398,7 @@ class SegmentSource:
         if isinstance(event, (spool.ArtifactDone, spool.Settled)):
             return None  # a marker, not an event
         if isinstance(event, (spool.Artifact, spool.Model)):  # settled by their own marker
-            if event.path in self._finished:  # its writer stored or reported it
-                return None
-            return _upload_job(event) if isinstance(event, spool.Artifact) else _model_job(event)
+            return self._upload(number, event)
         if skip:
             return None
         if isinstance(event, MetaEvent) and event.kind == "end" and event.when is None:
@@ -406,6 +407,25 @@ class SegmentSource:
             when = min(self._last_metric.get(event.run_id, mtime), mtime)
             self.end_times[event.run_id] = int(when * 1000)
         return event
+
+    def _upload(self, number: int, record: spool.Artifact | spool.Model) -> Job | None:
+        """The job that uploads what ``record`` staged, if anything of it is left to do;
+        what it staged and is gone is reported as lost."""
+        if record.path in self._finished:  # its writer stored or refused it: a copy left
+            self._done.setdefault(number, []).append(record.path)  # by a crash goes too
+            return None
+        if isinstance(record, spool.Artifact):
+            job, lost = upload.replayed(record)
+        else:
+            job, lost = models.replayed(record)
+        kind = "artifact" if isinstance(record, spool.Artifact) else "model"
+        for key in lost:
+            self._report.lost.append(
+                f"run {record.run_id}: {kind} {key!r}: its staged copy is gone (from {record.path})"
+            )
+        if job is None:
+            self._done.setdefault(number, []).append(record.path)
+        return job
 
     def settled(self, chunks: int, now: bool) -> None:
         for _ in range(chunks - self._settled_chunks):
@@ -436,8 +456,8 @@ class SegmentSource:
             self._settled(segment)
 
     def note_done(self, job: Job, segment: int, stored: bool) -> None:
-        if stored and job.spooled is not None:  # a refused upload's copy stays staged
-            self._uploaded.setdefault(segment, []).append(job.spooled[0])
+        if job.spooled is not None:  # stored, or refused for good: its copy can go
+            self._done.setdefault(segment, []).append(job.spooled[0])
 
     def _settled(self, number: int) -> None:
         segment = self._read.pop(number, None)
@@ -457,8 +477,8 @@ class SegmentSource:
         except OSError as exc:
             self._report.errors.append(f"cannot remove the replayed {path}: {exc.strerror}")
             return
-        for staged in self._uploaded.pop(number, []):  # only now: a cut-short sync redoes them
-            _remove_staged(Path(staged))
+        for staged in self._done.pop(number, []):  # only now: a cut-short sync redoes them
+            spool.remove_staged(Path(staged), parents=True)
 
 
 class _ReplayTransport:
@@ -476,44 +496,17 @@ class _ReplayTransport:
         _end_if_running(self._inner, run_id, status, self._source.end_times.get(run_id, end_time))
 
 
-def _upload_job(artifact: spool.Artifact) -> Job:
-    """A staged file, or a staging area (a directory laid out as run-relative paths)."""
-    run_id, path, artifact_path = artifact.run_id, artifact.path, artifact.artifact_path
-
-    async def work(jobs: Any) -> None:
-        await jobs.upload(run_id, path, artifact_path)
-
-    return Job(run_id, "artifact", path, work, spooled=(path, artifact_path))
-
-
-def _model_job(record: spool.Model) -> Job:
-    """A ``log_model`` its process did not finish: the whole flow again, from the staged
-    files (a logged model the dead process had created stays PENDING beside the new one)."""
-    run_id, area, spec = record.run_id, record.path, record.spec
-
-    async def work(jobs: Any) -> None:
-        from asynctrack._artifacts.models import replayed
-
-        await replayed(run_id, area, spec, jobs.tracking_uri).work(jobs)
-
-    return Job(run_id, "model", str(spec.get("name", area)), work, spooled=(area, spec))
-
-
 class _ReplayJobs:
-    """What replayed uploads need of a job context: blocking calls and the retry policy."""
+    """What replayed uploads need of a job context: blocking calls and the retry policy
+    (``sync``'s: it gives up after ``--timeout`` without an answer)."""
 
     config = EngineConfig()
 
     def __init__(self, uri: str, policy: RetryPolicy) -> None:
-        self._uri, self._policy = uri, policy
+        self.tracking_uri, self.retry = uri, policy
         self._pool = DaemonPool(4, "asynctrack-sync-io")
-        self._client: Any = None
         self.resources = Resources()
         self.files = FileCounters()
-
-    @property
-    def tracking_uri(self) -> str:
-        return self._uri
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:
         return await self._pool.run(fn)
@@ -524,51 +517,16 @@ class _ReplayJobs:
     def spooled(self) -> int:
         return 0
 
-    async def upload(self, run_id: str, path: str, artifact_path: str | None) -> None:
-        def call() -> None:
-            if self._client is None:
-                from asynctrack._gate import plain_client
-
-                self._client = plain_client(self._uri)
-            try:
-                if os.path.isdir(path):
-                    self._client.log_artifacts(run_id, path, artifact_path)
-                elif os.path.isfile(path):
-                    self._client.log_artifact(run_id, path, artifact_path)
-                else:  # its writer did not finish it, and the staged copy is gone
-                    raise Refused("lost: the staged copy is gone", splittable=False)
-            except (Refused, Transient):
-                raise
-            except Exception as exc:
-                raise sort_mlflow_error(exc) from None
-
-        result = await self._policy.attempt(lambda: self.run_blocking(call), lambda exc: None)
-        if isinstance(result, Refused):  # what is still staged stays where it is
-            raise RuntimeError(result.reason)
-
-    def close(self) -> None:
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.resources.exit_stack.aclose()  # S3 clients
         self._pool.close()
 
 
 def _remove_dir(directory: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         (directory / "lock").unlink()
-    # damaged segments stay for inspection, with owner.json naming their writer
-    if all(p.name == "owner.json" for p in directory.iterdir()):
-        with contextlib.suppress(OSError):
-            (directory / "owner.json").unlink()
-            directory.rmdir()
-
-
-def _remove_staged(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            path.unlink()
-    # <staging dir>/asynctrack-<pid>-*/engine-*/<area>: the dead process's, once empty
-    for parent in list(path.parents)[:2]:
-        if not parent.name.startswith(("engine-", "asynctrack-")):
-            break
-        with contextlib.suppress(OSError):
-            parent.rmdir()
+    # Damaged segments stay for inspection, with owner.json naming their writer. Staged
+    # copies left once every segment is gone are named by no record any more.
+    if all(p.name in ("owner.json", spool.STAGED) for p in directory.iterdir()):
+        shutil.rmtree(directory, ignore_errors=True)

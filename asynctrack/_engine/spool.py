@@ -6,6 +6,8 @@ Each engine of each process writes its own directory under the spool root::
         owner.json      who wrote it: pid, host, start time, tracking URI (no credentials)
         lock            held (flock) while the writer lives: a free lock means it died
         00000001.seg    segments, append-only, numbered in writing order
+        staged/         copies of the files artifact calls logged (``STAGED``), one folder
+                        per call, kept until the upload its record names is done
 
 A segment starts with ``MAGIC`` (8 bytes, the last one the format version), then records:
 a 4-byte big-endian payload length, the payload's CRC32, and the payload, a list of events
@@ -17,9 +19,12 @@ decoded, so a damaged byte never reaches ``marshal``.
 Events in a record: a metric is ``(run_id, key, value, time_s, step)``, the tuple as
 queued; ``("p"|"t", run_id, key, value)`` for params and tags, ``("e", run_id, status,
 end_ms)`` for a run's end (``end_ms`` absent in older spools), ``("a", run_id, staged,
-artifact_dir)`` for an artifact upload (``staged`` a file, or a staging area laid out as
-run-relative paths) and ``("d", run_id, staged)`` once the writer has finished that
-upload (stored or reported), so ``sync`` skips it.
+{"label": label, "files": [[dest, size], ...]})`` for an artifact upload (``staged`` a
+staging area laid out as run-relative paths; the files it must hold, so ``sync`` can tell
+a copy that is gone; older spools have ``artifact_dir`` there, and ``staged`` may be one
+file), ``("m", run_id, staged, spec)`` for a ``log_model`` and ``("d", run_id, staged)``
+once the writer has finished that upload (stored, or refused for good), so ``sync`` skips
+it. The writer removes a staged copy only after its ``"d"`` record is written.
 ``("s", segment, [offset, ...])`` marks records (by segment number and the byte offset
 where the record starts) whose events the server has all stored or refused: ``sync`` and
 ``status`` skip their events (artifact uploads aside, which have ``"d"``). Markers are
@@ -39,6 +44,7 @@ import fcntl
 import json
 import marshal
 import os
+import shutil
 import socket
 import struct
 import time
@@ -55,6 +61,8 @@ _READABLE = (MAGIC, b"ATSPOOL\x01")
 _HEADER = struct.Struct(">II")  # payload length, CRC32 of the payload
 _MAX_RECORD = 256 * 1024 * 1024  # a larger length field can only be damage
 _KINDS = {"param": "p", "tag": "t"}
+#: The folder of a writer's directory that holds the staged copies its records name.
+STAGED = "staged"
 
 
 class SpoolError(OSError):
@@ -93,11 +101,15 @@ def encode(events: Sequence[Event]) -> bytes:
 
 @dataclass(frozen=True)
 class Artifact:
-    """An upload the spool remembers: a staged file and its run-relative directory."""
+    """An upload the spool remembers: its staging area and the files it holds (``files``:
+    (run-relative path, size) pairs), or, from older spools, a staged file or area and
+    its run-relative directory (``files`` None)."""
 
     run_id: str
     path: str
     artifact_path: str | None
+    label: str = ""
+    files: tuple[tuple[str, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -152,7 +164,7 @@ def decode(payload: bytes) -> list[Spooled]:
             when = item[3] if len(item) > 3 else None
             events.append(MetaEvent("end", item[1], "status", item[2], when))
         elif item[0] == "a":
-            events.append(Artifact(item[1], item[2], item[3]))
+            events.append(_artifact(item))
         elif item[0] == "m":
             events.append(Model(item[1], item[2], item[3]))
         elif item[0] == "d":
@@ -162,6 +174,30 @@ def decode(payload: bytes) -> list[Spooled]:
         else:
             events.append(MetaEvent("param" if item[0] == "p" else "tag", *item[1:]))
     return events
+
+
+def _artifact(item: tuple[Any, ...]) -> Artifact:
+    extra = item[3]
+    if isinstance(extra, dict):
+        files = tuple((str(dest), int(size)) for dest, size in extra["files"])
+        return Artifact(item[1], item[2], None, str(extra.get("label", "")), files)
+    return Artifact(item[1], item[2], extra)
+
+
+def remove_staged(path: Path, parents: bool = False) -> None:
+    """Remove a staged copy (a file, or a staging area); with ``parents``, also the
+    per-process folders of the system's temporary directory that held it, once empty
+    (``<staging dir>/asynctrack-<pid>-*/engine-*/<area>``, a dead process's)."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    for parent in list(path.parents)[:2] if parents else ():
+        if not parent.name.startswith(("engine-", "asynctrack-")):
+            break
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 # ------------------------------------------------------------------------------ writer
@@ -265,16 +301,13 @@ class Writer:
         self._fd = self._lock_fd = -1
 
     def close(self, empty: bool) -> None:
-        """Stop writing; with ``empty`` (nothing left to store) remove the directory."""
+        """Stop writing; with ``empty`` (nothing left to store) remove the directory, and
+        with it any staged copy (no record names one any more)."""
         if getattr(self, "_fd", -1) >= 0:
             os.close(self._fd)
             self._fd = -1
         if empty:
-            for entry in self.directory.iterdir():
-                with contextlib.suppress(OSError):
-                    entry.unlink()
-            with contextlib.suppress(OSError):
-                self.directory.rmdir()
+            shutil.rmtree(self.directory, ignore_errors=True)
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1

@@ -125,9 +125,19 @@ def check_answer(status: int, text: str, retry_after: float | None = None) -> No
 
 
 def sort_mlflow_error(exc: Exception) -> Transient | Held | Refused:
-    """An exception from MLflow's own client or store, as a Transient, Held or Refused."""
+    """An exception from MLflow's own client, store or artifact repository, as a
+    Transient, Held or Refused."""
     from mlflow.exceptions import MlflowException
 
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if isinstance(status, int) and status != 200:
+        # requests' HTTPError: an answer of the tracking server's artifact proxy, judged
+        # as any answer of the server is
+        try:
+            check_answer(status, str(getattr(response, "text", "") or exc))
+        except (Transient, Held, Refused) as answer:
+            return answer
     if isinstance(exc, MlflowException):
         code, message = exc.error_code, exc.message
         if code in TRANSIENT_CODES or any(sign in message for sign in _OVERLOAD_MESSAGES):

@@ -11,9 +11,10 @@ Use the classes directly::
             client = mlflow.MlflowClient(tracking_uri=server.url)
 
 or as a pytest plugin, by adding ``pytest_plugins = ["asynctrack.pytest_plugin"]`` to a
-``conftest.py``. That provides the session-scoped fixtures ``mlflow_server`` and
-``s3_server`` and the function-scoped ``mlflow_tracking_uri``, which also points
-``MLFLOW_TRACKING_URI`` at the server for the duration of one test.
+``conftest.py``. That provides the session-scoped fixtures ``mlflow_server``,
+``mlflow_auth_server`` (MLflow's basic-auth app, ``MlflowAuthServer``) and ``s3_server``,
+and the function-scoped ``mlflow_tracking_uri``, which also points ``MLFLOW_TRACKING_URI``
+at the server for the duration of one test.
 
 The MLflow server runs as a subprocess (``sys.executable -m mlflow server``) with a
 SQLite store, or on PostgreSQL (``MlflowPostgresServer``, fixture ``mlflow_server_pg``,
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = [
+    "MlflowAuthServer",
     "MlflowPostgresServer",
     "MlflowServer",
     "PostgresServer",
@@ -281,6 +283,131 @@ class MlflowServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class MlflowAuthServer(MlflowServer):
+    """An ``MlflowServer`` running MLflow's basic-auth app (``--app-name basic-auth``).
+
+    Its users live in their own SQLite file beside the tracking store; the admin user is
+    ``admin`` with a random password (:attr:`admin_password`), and every user may read
+    everything (``default_permission``, READ unless given). Users and their permissions are
+    managed through the server's REST API as the admin: :meth:`create_user`,
+    :meth:`update_password`, :meth:`grant` and :meth:`revoke` (MLflow 3.18's
+    ``/api/3.0/mlflow/users/permissions/*`` routes, or the older per-experiment ones).
+    No password appears in its repr.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        artifact_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        *,
+        default_permission: str = "READ",
+        port: int | None = None,
+        startup_timeout: float = 120.0,
+        workers: int = 1,
+    ) -> None:
+        import secrets
+
+        super().__init__(
+            workdir, artifact_args, env, port=port, startup_timeout=startup_timeout, workers=workers
+        )
+        self.admin_username = "admin"
+        self.admin_password = secrets.token_urlsafe(18)  # MLflow wants 12 characters or more
+        config = self.workdir / "basic_auth.ini"
+        config.write_text(
+            "[mlflow]\n"
+            f"default_permission = {default_permission}\n"
+            f"database_uri = sqlite:///{self.workdir / 'basic_auth.db'}\n"
+            f"admin_username = {self.admin_username}\n"
+            f"admin_password = {self.admin_password}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        config.chmod(0o600)
+        self._extra_env.update(
+            MLFLOW_AUTH_CONFIG_PATH=str(config),
+            MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
+        )
+
+    def __repr__(self) -> str:
+        return f"MlflowAuthServer(url={self.url!r}, pid={self.pid}, workdir={str(self.workdir)!r})"
+
+    def _command(self) -> list[str]:
+        return [*super()._command(), "--app-name", "basic-auth"]
+
+    def create_user(self, username: str, password: str) -> None:
+        """A new user (not an admin); MLflow wants passwords of 12 characters or more."""
+        self._admin_call(
+            "POST", "/api/2.0/mlflow/users/create", username=username, password=password
+        )
+
+    def update_password(self, username: str, password: str) -> None:
+        self._admin_call(
+            "PATCH", "/api/2.0/mlflow/users/update-password", username=username, password=password
+        )
+
+    def grant(self, username: str, experiment_id: str, permission: str = "EDIT") -> None:
+        """Give ``username`` ``permission`` (READ, EDIT, MANAGE...) on one experiment."""
+        try:
+            self._admin_call(
+                "POST", "/api/3.0/mlflow/users/permissions/grant", username=username,
+                resource_type="experiment", resource_id=experiment_id, permission=permission,
+            )  # fmt: skip
+        except _NoRoute:  # before MLflow 3.18: one route per resource type
+            fields = {"username": username, "experiment_id": experiment_id}
+            try:
+                self._admin_call(
+                    "POST", "/api/2.0/mlflow/experiments/permissions/create",
+                    permission=permission, **fields,
+                )  # fmt: skip
+            except RuntimeError as exc:
+                if "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                    raise
+                self._admin_call(
+                    "PATCH", "/api/2.0/mlflow/experiments/permissions/update",
+                    permission=permission, **fields,
+                )  # fmt: skip
+
+    def revoke(self, username: str, experiment_id: str) -> None:
+        """Take back what :meth:`grant` gave: the user has ``default_permission`` again."""
+        try:
+            self._admin_call(
+                "POST", "/api/3.0/mlflow/users/permissions/revoke", username=username,
+                resource_type="experiment", resource_id=experiment_id,
+            )  # fmt: skip
+        except _NoRoute:
+            self._admin_call(
+                "DELETE", "/api/2.0/mlflow/experiments/permissions/delete",
+                username=username, experiment_id=experiment_id,
+            )  # fmt: skip
+
+    def _admin_call(self, method: str, path: str, **fields: str) -> None:
+        import base64
+        import json
+
+        pair = f"{self.admin_username}:{self.admin_password}".encode()
+        request = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(fields).encode(),
+            method=method,
+            headers={
+                "Authorization": "Basic " + base64.standard_b64encode(pair).decode(),
+                "Content-Type": "application/json",
+            },
+        )
+        try:
+            with _NO_PROXY_OPENER.open(request, timeout=30.0) as response:
+                response.read()
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode("utf-8", "replace")[:500]
+            if exc.code == 404 and "/api/3.0/" in path:
+                raise _NoRoute(path) from None
+            raise RuntimeError(f"{method} {path}: HTTP {exc.code}: {text}") from None
+
+
+class _NoRoute(Exception):
+    """The auth server has no such route (an older MLflow)."""
 
 
 class S3Server:

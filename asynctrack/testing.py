@@ -294,7 +294,14 @@ class MlflowAuthServer(MlflowServer):
     managed through the server's REST API as the admin: :meth:`create_user`,
     :meth:`update_password`, :meth:`grant` and :meth:`revoke` (MLflow 3.18's
     ``/api/3.0/mlflow/users/permissions/*`` routes, or the older per-experiment ones).
-    No password appears in its repr.
+    The basic-auth app takes no bearer tokens; this server's authorization function
+    (:func:`authenticate_token_or_basic`, MLflow's extension point) adds them:
+    :meth:`issue_token`. No password or token appears in its repr.
+
+    The app checks the password (PBKDF2, about 0.2 s of CPU) on every request, as MLflow
+    ships it. ``auth_cache_seconds`` turns on its cache of successful checks (MLflow's
+    ``auth_cache_ttl_seconds``, since 3.18): with one worker a password changed through
+    :meth:`update_password` takes effect at once all the same.
     """
 
     def __init__(
@@ -304,6 +311,7 @@ class MlflowAuthServer(MlflowServer):
         env: Mapping[str, str] | None = None,
         *,
         default_permission: str = "READ",
+        auth_cache_seconds: int = 0,
         port: int | None = None,
         startup_timeout: float = 120.0,
         workers: int = 1,
@@ -322,12 +330,16 @@ class MlflowAuthServer(MlflowServer):
             f"database_uri = sqlite:///{self.workdir / 'basic_auth.db'}\n"
             f"admin_username = {self.admin_username}\n"
             f"admin_password = {self.admin_password}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "authorization_function = asynctrack.testing:authenticate_token_or_basic\n"
+            f"auth_cache_ttl_seconds = {auth_cache_seconds}\n"
         )
         config.chmod(0o600)
+        self._tokens = self.workdir / "tokens"
+        self._tokens.touch(mode=0o600)
         self._extra_env.update(
             MLFLOW_AUTH_CONFIG_PATH=str(config),
             MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
+            ASYNCTRACK_TEST_TOKENS=str(self._tokens),
         )
 
     def __repr__(self) -> str:
@@ -341,6 +353,15 @@ class MlflowAuthServer(MlflowServer):
         self._admin_call(
             "POST", "/api/2.0/mlflow/users/create", username=username, password=password
         )
+
+    def issue_token(self, username: str) -> str:
+        """A bearer token for ``username`` (``MLFLOW_TRACKING_TOKEN``), valid at once."""
+        import secrets
+
+        token = secrets.token_urlsafe(24)
+        with self._tokens.open("a") as tokens:
+            tokens.write(f"{token} {username}\n")
+        return token
 
     def update_password(self, username: str, password: str) -> None:
         self._admin_call(
@@ -404,6 +425,25 @@ class MlflowAuthServer(MlflowServer):
             if exc.code == 404 and "/api/3.0/" in path:
                 raise _NoRoute(path) from None
             raise RuntimeError(f"{method} {path}: HTTP {exc.code}: {text}") from None
+
+
+def authenticate_token_or_basic() -> Any:
+    """MlflowAuthServer's authorization function (MLflow's ``authorization_function``
+    setting, run inside the server): MLflow's basic auth, plus bearer tokens, which the
+    basic-auth app alone refuses. A token names its user in the file at
+    ``ASYNCTRACK_TEST_TOKENS`` ("token username" lines), read at every request."""
+    from flask import request
+    from mlflow.server.auth import authenticate_request_basic_auth, make_basic_auth_response
+    from werkzeug.datastructures import Authorization
+
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return authenticate_request_basic_auth()
+    with open(os.environ["ASYNCTRACK_TEST_TOKENS"]) as tokens:
+        users = dict(line.split() for line in tokens if line.strip())
+    if token in users:
+        return Authorization("bearer", {"username": users[token]})
+    return make_basic_auth_response()
 
 
 class _NoRoute(Exception):

@@ -22,11 +22,13 @@ from asynctrack.decorators import (
     timed_execution,
 )
 from asynctrack.errors import (
+    AccessDeniedError,
     AsyncTrackError,
     ConfigError,
     DeliveryError,
     EngineClosedError,
     FlushTimeoutError,
+    KeptEvents,
     NoActiveRunError,
     ParamConflictError,
     QueueFullError,
@@ -46,11 +48,13 @@ from asynctrack.utils import (
 )
 
 __all__ = (
+    "AccessDeniedError",
     "AsyncTrackError",
     "ConfigError",
     "DeliveryError",
     "EngineClosedError",
     "FlushTimeoutError",
+    "KeptEvents",
     "LoggedModelHandle",
     "MLflowExperimentTracker",
     "NestedRunTracker",

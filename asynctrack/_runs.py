@@ -334,7 +334,7 @@ def end_open_runs() -> None:
     MLflow's own exit hook does not end them with blocking, retried calls."""
     import sys
 
-    from asynctrack._engine.events import MetaEvent
+    from asynctrack._engine.events import end_event
 
     status = "FAILED" if getattr(sys, "last_value", None) is not None else "FINISHED"
     for run in list(open_runs.values()):
@@ -343,7 +343,7 @@ def end_open_runs() -> None:
         open_runs.pop(run.run_id, None)
         pop_fluent(run)
         with contextlib.suppress(Exception):  # an engine already closed: nothing to do
-            run.engine.put(MetaEvent("end", run.run_id, "status", status))
+            run.engine.put(end_event(run.run_id, status))
 
 
 before_exit.append(end_open_runs)

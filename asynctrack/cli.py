@@ -18,6 +18,7 @@ from click.core import ParameterSource
 
 from asynctrack import config
 from asynctrack._mlflow.launcher import run as run_command
+from asynctrack.errors import summarize
 
 _FORMATS = click.Choice(["table", "csv", "json"])
 F = TypeVar("F", bound=Callable[..., Any])
@@ -410,14 +411,28 @@ _SPOOL_DIR = click.argument(
     help="Seconds to keep retrying while the server does not answer; what is not sent by "
     "then stays in the spool.",
 )
+@click.option(
+    "--discard",
+    is_flag=True,
+    help="Do not send: delete what waits in SPOOL_DIR (its events and staged files), "
+    "after listing it.",
+)
 @_uri_option()
 @click.pass_context
-def sync(ctx: click.Context, spool_dir: Path | None, end_status: str, timeout: float) -> None:
+def sync(
+    ctx: click.Context, spool_dir: Path | None, end_status: str, timeout: float, discard: bool
+) -> None:
     """Send what crashed processes left in the spool (SPOOL_DIR: the spool root or one
-    writer's directory; default: the configured spool). Exits 1 unless all was stored."""
+    writer's directory; default: the configured spool). Exits 1 unless all was stored:
+    what a server refuses for credentials or permissions stays for the next sync."""
     from asynctrack._engine import replay
 
     root = _spool_root(spool_dir)
+    if discard:
+        for dropped in replay.discard(root):
+            runs = ", ".join(dropped.runs[:5]) + (" ..." if len(dropped.runs) > 5 else "")
+            click.echo(f"discarded {dropped.events} events of runs {runs} from {dropped.directory}")
+        return
     # Each directory names the server its events belong to; only an explicit --tracking-uri
     # overrides it, not an MLFLOW_TRACKING_URI that happens to be set.
     raw, explicit = ctx.meta.get(_URI_KEY, (None, False))
@@ -441,19 +456,24 @@ def sync(ctx: click.Context, spool_dir: Path | None, end_status: str, timeout: f
             root, status=end, tracking_uri=override, timeout=timeout, progress=bar.update
         )
     refused = len(report.refused)
+    kept = sum(k.count for k in report.kept)
     reasons = sorted({r.reason for r in report.refused})[:3]
     click.echo(
         f"stored {report.stored} events, refused {refused}"
         + (f" ({'; '.join(reasons)})" if reasons else "")
-        + f", {report.left} left"
+        + f", {report.left + kept} left"
     )
     if len(report.directories) > 1:  # one line per dead process's directory
         for line in report.directories:
             click.echo(f"  {line}")
-    for rejection in report.refused[:10]:
-        click.echo(f"  refused: {rejection}")
-    if refused > 10:
-        click.echo(f"  ... and {refused - 10} more")
+    for held in report.kept:
+        click.echo(
+            f"  kept: {held.count} events for {held.server} ({held.reason}) stay in "
+            f"{held.where}: sync again once the credentials or permissions are fixed "
+            "(or drop them with --discard)"
+        )
+    for line in summarize(report.refused):
+        click.echo(f"  refused: {line}")
     if report.ended_runs:
         click.echo(f"runs ended {end} (their process died first): {', '.join(report.ended_runs)}")
     if report.open_runs:

@@ -15,6 +15,7 @@ working for code that does not know asynctrack::
     ├── QueueFullError (BufferError)         the queue stayed full (policy "raise" or timeout)
     ├── FlushTimeoutError (TimeoutError)     flush() or run end passed its deadline
     ├── DeliveryError (MlflowException)      the server refused some events
+    │   └── AccessDeniedError                ...or held them back: credentials, permission
     └── EngineClosedError (RuntimeError)     logging after the engine shut down
 
 Input MLflow would refuse is refused at the call with an ``InvalidInputError``: it is also
@@ -29,7 +30,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, ErrorCode
+from mlflow.protos.databricks_pb2 import (
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+    PERMISSION_DENIED,
+    UNAUTHENTICATED,
+    ErrorCode,
+)
 
 
 def _code(rejections: Sequence[Rejection]) -> int:
@@ -42,6 +49,7 @@ def _code(rejections: Sequence[Rejection]) -> int:
 
 
 __all__ = [
+    "AccessDeniedError",
     "AsyncTrackError",
     "ConfigError",
     "DeliveryError",
@@ -49,6 +57,7 @@ __all__ = [
     "FlushTimeoutError",
     "InvalidInputError",
     "InvalidInputTypeError",
+    "KeptEvents",
     "NoActiveRunError",
     "ParamConflictError",
     "QueueFullError",
@@ -117,18 +126,78 @@ class Rejection:
         return f"run {self.run_id}: {self.kind} {self.key!r}: {self.reason}"
 
 
-class DeliveryError(AsyncTrackError, MlflowException):
-    """The server refused some events (or an upload failed); every other event was stored.
+@dataclass(frozen=True)
+class KeptEvents:
+    """Events a server held back (it refused the credentials or a permission): kept, not
+    refused. ``where``: the spool directory that holds them ("" when there is none)."""
 
-    ``rejections`` lists each refused event with its run, key and the server's reason. Also
-    an ``MlflowException`` (so ``except MlflowException`` code keeps working), with the
-    error code of the first refusal when the server gave one.
+    server: str  # the tracking URI, credentials hidden
+    count: int
+    reason: str  # e.g. "HTTP 401: You are not authenticated"
+    where: str
+
+    def __str__(self) -> str:
+        if not self.where:
+            return (
+                f"{self.count} event(s) kept in memory for {self.server} ({self.reason}); "
+                "they are sent again while this process runs (no spool: lost at exit)"
+            )
+        return (
+            f"{self.count} event(s) kept for {self.server} ({self.reason}), sent again "
+            f"while this process runs; after it, once the credentials or permissions are "
+            f"fixed: asynctrack sync {self.where} --tracking-uri {self.server}"
+        )
+
+
+def summarize(rejections: Sequence[Rejection], shown: int = 3) -> list[str]:
+    """Rejections grouped by reason, one line a reason, with a few of their events."""
+    groups: dict[str, list[Rejection]] = {}
+    for rejection in rejections:
+        groups.setdefault(rejection.reason, []).append(rejection)
+    return [
+        refusal_line(reason, len(group), group[:shown], len({r.run_id for r in group}))
+        for reason, group in groups.items()
+    ]
+
+
+def refusal_line(reason: str, count: int, examples: Sequence[Rejection], runs: int) -> str:
+    """``count`` events of ``runs`` runs refused for ``reason``, a few of them named."""
+    if count == 1:
+        return str(examples[0])
+    where = f"run {examples[0].run_id}" if runs == 1 else f"{runs} runs"
+    names = ", ".join(f"{r.kind} {r.key!r}" for r in examples)
+    more = f" and {count - len(examples)} more" if count > len(examples) else ""
+    return f"{count} refused ({where}: {names}{more}): {reason}"
+
+
+class DeliveryError(AsyncTrackError, MlflowException):
+    """The server refused some events (or an upload failed), or held some back; every
+    other event was stored.
+
+    ``rejections`` lists each refused event with its run, key and the server's reason;
+    ``kept`` what a server held back for credentials or a permission (kept on disk, sent
+    again, never dropped). The message groups them: a few lines for any number of events.
+    Also an ``MlflowException`` (so ``except MlflowException`` code keeps working), with
+    the error code of the first refusal when the server gave one.
     """
 
-    def __init__(self, rejections: Sequence[Rejection]) -> None:
+    def __init__(self, rejections: Sequence[Rejection], kept: Sequence[KeptEvents] = ()) -> None:
         self.rejections = list(rejections)
-        shown = "\n  ".join(str(r) for r in self.rejections[:20])
-        more = len(self.rejections) - 20
-        tail = f"\n  ... and {more} more" if more > 0 else ""
-        count = len(self.rejections)
-        super().__init__(f"{count} event(s) not stored:\n  {shown}{tail}", _code(self.rejections))
+        self.kept = list(kept)
+        lines = [str(k) for k in self.kept] + summarize(self.rejections)
+        count = len(self.rejections) + sum(k.count for k in self.kept)
+        code = _code(self.rejections) if self.rejections else _held_code(self.kept)
+        super().__init__(f"{count} event(s) not stored:\n  " + "\n  ".join(lines), code)
+
+
+class AccessDeniedError(DeliveryError):
+    """A server refused the credentials or a permission (HTTP 401, 403, 407): the events
+    are kept (``kept``), sent again while the process runs with credentials resolved
+    anew, and deliverable later by ``asynctrack sync``."""
+
+
+def _held_code(kept: Sequence[KeptEvents]) -> int:
+    reason = kept[0].reason if kept else ""
+    if reason.startswith(("HTTP 401", "HTTP 407", "UNAUTHENTICATED")):
+        return int(UNAUTHENTICATED)
+    return int(PERMISSION_DENIED)

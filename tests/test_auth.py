@@ -385,9 +385,9 @@ def test_a_request_auth_plugin_goes_through_mlflow_and_is_counted(
 def test_rotated_password_is_picked_up_by_refresh(
     mlflow_auth_server: MlflowAuthServer, user: User, clean_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """``RestTransport.refresh_credentials`` reads MLflow's sources again (here the netrc
+    """``RestTransport.refresh`` reads MLflow's sources again (here the netrc
     file, rewritten after the password changed): the next request uses the new password."""
-    from asynctrack._engine.transport import Refused, RestTransport, Transient
+    from asynctrack._engine.transport import Held, RestTransport
 
     client = MlflowClient(with_userinfo(mlflow_auth_server.url, user))
     run_id = client.create_run(client.create_experiment(f"rotate-{user.name}")).info.run_id
@@ -398,10 +398,10 @@ def test_rotated_password_is_picked_up_by_refresh(
 
     rotated = User(user.name, f"pw-{secrets.token_urlsafe(16)}")
     mlflow_auth_server.update_password(*rotated)
-    with pytest.raises((Refused, Transient)):  # refused or kept for later: not stored
+    with pytest.raises(Held):  # kept for later, not stored
         transport.log_batch(run_id, [(run_id, "m", 2.0, 1_700_000_000.0, 1)], [], [])
     write_netrc(netrc, mlflow_auth_server.url, rotated)
-    transport.refresh_credentials()
+    transport.refresh()
     transport.log_batch(run_id, [(run_id, "m", 3.0, 1_700_000_000.0, 2)], [], [])
 
     reader = MlflowClient(with_userinfo(mlflow_auth_server.url, rotated))

@@ -21,11 +21,12 @@ import pytest
 from asynctrack._engine.dispatcher import Dispatcher
 from asynctrack._engine.events import Barrier, Job, MetaEvent, Metric
 from asynctrack._engine.jobs import JobContext, Resources
+from asynctrack._engine.kept import Kept
 from asynctrack._engine.ledger import Ledger
 from asynctrack._engine.limiter import Outcome
 from asynctrack._engine.retry import GaveUp, RetryPolicy
 from asynctrack._engine.stats import FileCounters
-from asynctrack._engine.transport import KeyValue, Refused, Transient
+from asynctrack._engine.transport import Held, KeyValue, Refused, Transient
 from asynctrack.config import EngineConfig
 from asynctrack.errors import Rejection
 
@@ -103,6 +104,9 @@ class FakeTransport:
         self.reads = 0
         self.inside = self.most_inside = 0
         self._changed = threading.Condition()
+        #: runs the server refuses for credentials ("*": every run, a wrong password)
+        self.denied: set[str] = set()
+        self.refreshes = 0
 
     def log_batch(
         self,
@@ -123,6 +127,7 @@ class FakeTransport:
                 if self.transient:
                     self.transient -= 1
                     raise Transient("HTTP 503")
+                self._check_access(run_id)
                 if "bad" in call.all_keys():
                     raise Refused("INVALID_PARAMETER_VALUE: bad key", splittable=not self.whole)
                 self.stored.append(call)
@@ -132,9 +137,20 @@ class FakeTransport:
             with self._changed:
                 self.inside -= 1
 
+    def _check_access(self, run_id: str) -> None:
+        if "*" in self.denied:
+            raise Held("HTTP 401: You are not authenticated")
+        if run_id in self.denied:
+            raise Held("HTTP 403: Permission denied")
+
+    def refresh(self) -> None:
+        with self._changed:
+            self.refreshes += 1
+
     def end_run(self, run_id: str, status: str, end_time: int) -> None:
         assert end_time > 0
         with self._changed:
+            self._check_access(run_id)
             if run_id == "bad":
                 raise Refused("RESOURCE_DOES_NOT_EXIST: no such run", splittable=False)
             self.ends.append((run_id, status))
@@ -195,8 +211,13 @@ def make() -> Iterator[Callable[..., Dispatcher]]:
         jobs: JobContext | None = None,
         max_in_flight: int = 4,
         policy: RetryPolicy = TINY,
+        kept: Kept | None = None,
+        retry_kept: bool = True,
     ) -> Dispatcher:
-        dispatcher = Dispatcher(source, transport, ledger or Ledger(), jobs, max_in_flight, policy)
+        dispatcher = Dispatcher(
+            source, transport, ledger or Ledger(), jobs, max_in_flight, policy, None,
+            kept or Kept(first=0.001, longest=0.002), retry_kept,
+        )  # fmt: skip
         made.append(dispatcher)
         return dispatcher
 
@@ -461,6 +482,72 @@ async def test_a_value_that_cannot_be_encoded_is_refused_alone(
     (rejection,) = ledger.all_rejections()
     assert rejection == Rejection("a", "metric", "odd", "not sent: ValueError: cannot encode NaN")
     assert len(transport.metrics()) == 7
+
+
+# ---------------------------------------------------------------------------- held back
+
+
+async def test_a_refused_credential_keeps_the_events_and_other_runs_flow(
+    make: Callable[..., Dispatcher],
+) -> None:
+    events: list[Any] = [metric("a", i) for i in range(5)] + [metric("b", i) for i in range(5)]
+    events += [tag("a", "t", "1"), end("a"), end("b")]
+    barrier = Barrier()
+    ledger, source, transport = Ledger(), ListSource([(1, [*events, barrier])]), FakeTransport()
+    transport.denied.add("a")  # a permission missing for run a's experiment
+    ledger.took(len(events))
+    dispatcher = make(source, transport, ledger)
+    await deliver(dispatcher)
+    assert barrier.future.done()  # the server answered: nothing to wait out
+    assert transport.metrics("b") == [metric("b", i) for i in range(5)]
+    assert transport.ends == [("b", "FINISHED")]
+    assert (dispatcher.kept.events, dispatcher.kept.by_run) == (7, {"a": 7})
+    assert dispatcher.kept.reason == "HTTP 403: Permission denied"
+    assert (ledger.held, ledger.rejected, source.acked()) == (7, 0, {1: 6})
+    assert source.settled_chunks[-1][0] == 0  # the spool keeps the chunk: nothing forgotten
+
+    transport.denied.clear()  # granted: the next round delivers, with credentials re-read
+    rounds = dispatcher.recovery.task
+    assert rounds is not None
+    await asyncio.wait_for(rounds, WAIT)  # it ends once nothing is held back
+    assert not dispatcher.kept
+    await dispatcher.settle()
+    assert sorted(transport.metrics("a")) == [metric("a", i) for i in range(5)]
+    assert transport.held_tags["a"] == {"t": "1"}
+    assert transport.log[-1] == "end a"  # the run ends after its events
+    assert (ledger.held, ledger.rejected, source.acked()) == (0, 0, {1: 13})
+    assert transport.refreshes >= 1
+    await source.until_settled(1)
+
+
+async def test_params_and_tags_held_back_keep_their_order(
+    make: Callable[..., Dispatcher],
+) -> None:
+    transport = FakeTransport()
+    transport.denied.add("*")  # a wrong password: every request
+    source = ListSource([(1, [tag("a", "t", "first")])])
+    dispatcher = make(source, transport, kept=Kept(first=3600))  # no round during the test
+    await deliver(dispatcher)
+    attempts = transport.attempts
+    source.chunks.append((1, [tag("a", "t", "second"), param("a", "p", "1")]))
+    await deliver(dispatcher)
+    assert transport.attempts == attempts  # parked behind the first, not sent
+    assert dispatcher.kept.events == 3
+    transport.denied.clear()
+    await dispatcher.recovery.round()  # one round, as the recovery makes them
+    assert transport.held_tags["a"] == {"t": "second"}  # the last set_tag still wins
+    assert [c.tags for c in transport.stored] == [[("t", "first")], [("t", "second")]]
+
+
+async def test_sync_leaves_what_is_held_back_on_disk(make: Callable[..., Dispatcher]) -> None:
+    ledger, source, transport = Ledger(), ListSource([(1, [metric("a", 0)])]), FakeTransport()
+    transport.denied.add("*")
+    ledger.took(1)
+    dispatcher = make(source, transport, ledger, retry_kept=False)
+    await deliver(dispatcher)
+    await let_run()
+    assert dispatcher.kept.events == 1 and source.acked() == {}
+    assert (transport.attempts, transport.refreshes) == (1, 0)  # no second try
 
 
 # ---------------------------------------------------------------------------- order in time

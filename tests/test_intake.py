@@ -18,7 +18,9 @@ from asynctrack.errors import Rejection
 
 
 def make_queue() -> EventQueue:
-    queue = EventQueue(EngineConfig(), lambda: None, lambda: None, lambda: None, lambda: "full")
+    queue = EventQueue(
+        EngineConfig(), lambda: None, lambda: None, lambda reason: None, lambda: "full"
+    )
     queue.open = True  # as if the worker ran
     return queue
 

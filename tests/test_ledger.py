@@ -40,9 +40,14 @@ def test_a_refusal_logs_its_reason_and_becomes_the_last_error(
     ledger = Ledger()
     with caplog.at_level(logging.WARNING, logger="asynctrack"):
         ledger.refused([rejection(f"r{i}", "loss") for i in range(8)])
+        ledger.refused([rejection(f"s{i}", "loss") for i in range(8)])
     assert ledger.last_error == "INVALID_PARAMETER_VALUE: no"
-    assert len(caplog.records) == 5  # the first few are enough to see what is wrong
+    assert len(caplog.records) == 1  # once a reason: stderr never floods
     assert "run r0: metric 'loss': INVALID_PARAMETER_VALUE: no" in caplog.text
+    assert ledger.refusal_lines() == [
+        "16 refused (16 runs: metric 'loss', metric 'loss', metric 'loss' and 13 more): "
+        "INVALID_PARAMETER_VALUE: no"
+    ]
 
 
 def test_rejections_are_taken_once_per_run_or_all_at_once() -> None:
@@ -71,14 +76,14 @@ def test_drops_from_many_callers_are_all_counted() -> None:
 
     def caller() -> None:
         for _ in range(1000):
-            ledger.drop()
+            ledger.drop("full")
 
     threads = [threading.Thread(target=caller) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert ledger.dropped == 4000
+    assert ledger.dropped == 4000 and ledger.dropped_reasons == {"full": 4000}
 
 
 def test_stats_combine_the_counts_with_what_the_engine_knows() -> None:
@@ -87,12 +92,13 @@ def test_stats_combine_the_counts_with_what_the_engine_knows() -> None:
     ledger.stored(4)
     ledger.retrying(4, "HTTP 503")
     ledger.refused([rejection("a", "x")])
-    ledger.drop()
+    ledger.drop("full")
     ledger.files.queued(2, 100)
     ledger.files.uploaded(60)
     stats = ledger.stats(queued=7, spooled=3, spool_bytes=300, durable=2)
     assert stats == Stats(
-        queued=7, sent=4, retried=4, rejected=1, dropped=1, batches_sent=1, in_flight=0,
+        queued=7, sent=4, retried=4, rejected=1, dropped=1, dropped_reasons={"full": 1},
+        batches_sent=1, in_flight=0,
         files_queued=1, files_uploaded=1, bytes_queued=40, bytes_uploaded=60,
         spooled=3, spool_bytes=300, durable=2,
     )  # fmt: skip

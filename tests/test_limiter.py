@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from asynctrack._engine import limiter as limiter_mod
-from asynctrack._engine.limiter import Limiter, Outcome, Token, limiter_for, outcome_of
+from asynctrack._engine.limiter import Limiter, Outcome, Token, limiter_for
+from asynctrack._engine.transport import outcome_of
 
 
 class FakeClock:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from asynctrack._engine.events import Barrier, Event, Job, MetaEvent, Metric
-from asynctrack._engine.queue import EventQueue
+from asynctrack._engine.queue import SHED, EventQueue
 from asynctrack.config import EngineConfig, FullPolicy
 from asynctrack.errors import QueueFullError
 
@@ -22,6 +22,7 @@ class Engine:
 
     def __init__(self) -> None:
         self.starts = self.wakes = self.drops = 0
+        self.reasons: list[str] = []
         self.woken = threading.Event()
         self.queue: EventQueue | None = None
 
@@ -34,8 +35,9 @@ class Engine:
         self.wakes += 1
         self.woken.set()
 
-    def drop(self) -> None:
+    def drop(self, reason: str) -> None:
         self.drops += 1
+        self.reasons.append(reason)
 
 
 def make_queue(
@@ -169,13 +171,17 @@ def test_block_policy_waits_for_room() -> None:
     assert queue.take(10) == [metric(1), metric(2)]
 
 
-def test_block_policy_gives_up_at_the_flush_timeout() -> None:
+def test_block_policy_waits_once_then_drops_until_there_is_room() -> None:
     queue, engine = make_queue(capacity=1, policy="block", timeout=0.02)
     queue.put(metric(0))
-    with pytest.raises(QueueFullError, match="queue full"):
-        queue.put(metric(1))
-    assert engine.wakes == 1
+    queue.put(metric(1))  # waits flush_timeout, then drops: training goes on
+    assert (engine.wakes, engine.drops) == (1, 1)
+    queue.put(metric(2))  # no second wait while there is no room
+    assert engine.drops == 2 and engine.reasons == [SHED, SHED]
     assert queue.take(10) == [metric(0)]
+    queue.notify_room()  # the worker made room: events are kept again
+    queue.put(metric(3))
+    assert queue.take(10) == [metric(3)] and engine.drops == 2
 
 
 # ---------------------------------------------------------------------------- worker side

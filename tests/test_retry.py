@@ -18,7 +18,7 @@ import pytest
 
 from asynctrack._engine import retry
 from asynctrack._engine.retry import GaveUp, RetryPolicy
-from asynctrack._engine.transport import Refused, Transient
+from asynctrack._engine.transport import Held, Refused, Transient
 
 TINY = RetryPolicy(first=0.001, maximum=0.002)
 
@@ -76,18 +76,18 @@ def async_of(call: Callable[[], str]) -> Callable[[], Awaitable[str]]:
     return wrapped
 
 
-Mode = Callable[[RetryPolicy, Callable[[], str], Callable[[Transient], None]], str | Refused]
+Mode = Callable[[RetryPolicy, Callable[[], str], Callable[[Transient], None]], str | Refused | Held]
 
 
 def run_async(
     policy: RetryPolicy, call: Callable[[], str], on_transient: Callable[[Transient], None]
-) -> str | Refused:
+) -> str | Refused | Held:
     return asyncio.run(policy.attempt(async_of(call), on_transient))
 
 
 def run_blocking(
     policy: RetryPolicy, call: Callable[[], str], on_transient: Callable[[Transient], None]
-) -> str | Refused:
+) -> str | Refused | Held:
     return policy.attempt_blocking(call, on_transient)
 
 

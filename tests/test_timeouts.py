@@ -38,6 +38,9 @@ class Recorder:
     def run_tags(self, run_id: str) -> dict[str, str]:
         return {}
 
+    def refresh(self) -> None:
+        pass
+
 
 def test_the_worker_lives_through_quiet_polls() -> None:
     transport = Recorder()

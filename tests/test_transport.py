@@ -13,6 +13,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
 
 from asynctrack._engine.transport import (
+    Held,
     Refused,
     RestTransport,
     Transient,
@@ -65,11 +66,8 @@ def test_an_invalid_value_is_refused_and_splittable() -> None:
 @pytest.mark.parametrize(
     ("status", "code", "message"),
     [
-        (404, "RESOURCE_DOES_NOT_EXIST", "Run 'abc' not found"),
+        (404, "RESOURCE_DOES_NOT_EXIST", "Run 'abc' not found"),  # about the request
         (400, "INVALID_STATE", "run is not active"),
-        (403, "PERMISSION_DENIED", "no"),
-        (401, "UNAUTHENTICATED", "no"),
-        (403, "", "forbidden by a proxy"),  # 401, 403, 404: about the request as a whole
         (400, "INVALID_PARAMETER_VALUE", "The run abc must be in the 'active' state."),
     ],
 )
@@ -77,6 +75,31 @@ def test_a_refusal_of_the_whole_request_is_not_splittable(
     status: int, code: str, message: str
 ) -> None:
     assert not refusal(status, error(code, message)).splittable
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "message"),
+    [
+        (403, "PERMISSION_DENIED", "Permission denied"),
+        (401, "UNAUTHENTICATED", "You are not authenticated"),
+        (403, "", "forbidden by a proxy"),
+        (407, "", "Proxy Authentication Required"),
+    ],
+)
+def test_refused_credentials_or_permissions_are_held_not_refused(
+    status: int, code: str, message: str
+) -> None:
+    """Who asks, not what: the user can fix it, so the events are kept (never final)."""
+    with pytest.raises(Held, match=f"HTTP {status}: {message}"):
+        check_answer(status, error(code, message) if code else message)
+
+
+def test_mlflow_errors_about_credentials_are_held() -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, UNAUTHENTICATED
+
+    for code in (UNAUTHENTICATED, PERMISSION_DENIED):
+        assert isinstance(sort_mlflow_error(MlflowException("no", error_code=code)), Held)
 
 
 def test_a_body_that_is_not_an_mlflow_error_is_named_by_its_status() -> None:

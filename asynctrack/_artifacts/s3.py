@@ -35,7 +35,7 @@ from asynctrack._artifacts.staging import StagedFile
 from asynctrack._engine.jobs import JobContext
 from asynctrack._engine.retry import RetryPolicy
 from asynctrack._engine.stats import FileCounters
-from asynctrack._engine.transport import Refused, Transient, redact
+from asynctrack._engine.transport import Held, Refused, Transient, redact
 
 T = TypeVar("T")
 
@@ -264,6 +264,8 @@ class S3Uploader:
         result = await _RETRY.attempt(sorted_call, retrying)
         if isinstance(result, Refused):
             raise UploadFailed(result.reason)
+        if isinstance(result, Held):
+            raise result
         return result
 
 

@@ -25,6 +25,7 @@ import dataclasses
 import enum
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,9 +34,10 @@ from typing import TypeVar
 
 from asynctrack._engine import spool
 from asynctrack._engine.dispatcher import Dispatcher
-from asynctrack._engine.events import Event, MetaEvent
+from asynctrack._engine.events import Event, end_event
 from asynctrack._engine.intake import Intake, report_orphans
 from asynctrack._engine.jobs import Resources
+from asynctrack._engine.kept import Kept
 from asynctrack._engine.ledger import Ledger
 from asynctrack._engine.limiter import limiter_for
 from asynctrack._engine.queue import EventQueue
@@ -45,7 +47,13 @@ from asynctrack._engine.threads import DaemonPool
 from asynctrack._engine.transport import RestTransport, Transport, make_transport, redact
 from asynctrack._engine.worker import Worker
 from asynctrack.config import EngineConfig
-from asynctrack.errors import DeliveryError, EngineClosedError, FlushTimeoutError
+from asynctrack.errors import (
+    AccessDeniedError,
+    DeliveryError,
+    EngineClosedError,
+    FlushTimeoutError,
+    KeptEvents,
+)
 
 logger = logging.getLogger("asynctrack")
 
@@ -85,6 +93,7 @@ class Engine:
         events, spool and uploads stay the parent's)."""
         self.state = State.UNOPENED
         self.ledger = Ledger()
+        self.kept = Kept()  # what the server held back (credentials, permissions)
         self.worker = Worker()
         self.intake = Intake(self.queue, None, WINDOW)  # replaced when the worker starts
         self.resources = Resources()
@@ -137,6 +146,7 @@ class Engine:
             spooled=self.intake.waiting,
             spool_bytes=writer.total_bytes if writer else 0,
             durable=self.intake.durable,
+            kept=self.kept.events,
         )
         transport = self._transport
         routed = transport.mlflow_path() if isinstance(transport, RestTransport) else {}
@@ -147,7 +157,7 @@ class Engine:
 
     def end_run(self, run_id: str, status: str, timeout: float | None = None) -> None:
         """Store the run's queued events, then set its status; raise what was refused."""
-        self.put(MetaEvent("end", run_id, "status", status))
+        self.put(end_event(run_id, status))
         self.flush(timeout, run_id=run_id)
 
     def flush(
@@ -175,9 +185,24 @@ class Engine:
                     f"stored at {redact(self.tracking_uri)}{self._cause()}; they stay queued",
                     pending,
                 )
-        rejected = self.ledger.take_rejections(run_id) if report else []
+        if not report:
+            return
+        rejected = self.ledger.take_rejections(run_id)
+        kept = self.kept_events(run_id)
+        if kept:  # the server answered: no use waiting out the deadline
+            raise AccessDeniedError(rejected, kept)
         if rejected:
             raise DeliveryError(rejected)
+
+    def kept_events(self, run_id: str | None = None) -> list[KeptEvents]:
+        """What the server holds back now (of ``run_id``, when given), for messages."""
+        kept = self.kept
+        count = kept.events if run_id is None else kept.by_run.get(run_id, 0)
+        if not count:
+            return []
+        reason = kept.reason if run_id is None else kept.reason_of(run_id)
+        where = self.spool_dir() if self.intake.writer is not None else ""
+        return [KeptEvents(redact(self.tracking_uri), count, reason, where)]
 
     def _wait(
         self, future: concurrent.futures.Future[None], limit: float, progressing: bool
@@ -250,8 +275,12 @@ class Engine:
         if wake is not None:
             self.worker.call_soon(wake.set)
 
-    def _drop(self) -> None:
-        self.ledger.drop()
+    def _drop(self, reason: str) -> None:
+        if self.ledger.drop(reason):  # named once; counted in stats() and the exit summary
+            sys.stderr.write(
+                f"asynctrack: {redact(self.tracking_uri)}: {reason}{self._cause()}; dropped "
+                "events are counted in asynctrack.stats().dropped\n"
+            )
 
     def _full_message(self) -> str:
         return (
@@ -291,7 +320,14 @@ class Engine:
         if limiter is not None and isinstance(transport, RestTransport):
             transport.limiter = limiter
         dispatcher = Dispatcher(
-            intake, transport, self.ledger, self, self.config.max_in_flight, LIVE_RETRY, limiter
+            intake,
+            transport,
+            self.ledger,
+            self,
+            self.config.max_in_flight,
+            LIVE_RETRY,
+            limiter,
+            self.kept,
         )
         pump = _Pump(dispatcher)
         pumping = asyncio.get_running_loop().create_task(pump.run())

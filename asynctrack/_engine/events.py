@@ -268,13 +268,28 @@ def _stacklevel_outside_package() -> int:
 class MetaEvent:
     """A param, a tag, or a run's end: sent in order within its run."""
 
-    __slots__ = ("key", "kind", "run_id", "value")
+    __slots__ = ("key", "kind", "run_id", "value", "when")
 
-    def __init__(self, kind: Literal["param", "tag", "end"], run_id: str, key: str, value: str):
+    def __init__(
+        self,
+        kind: Literal["param", "tag", "end"],
+        run_id: str,
+        key: str,
+        value: str,
+        when: int | None = None,
+    ):
         self.kind = kind
         self.run_id = run_id
         self.key = key
         self.value = value  # for "end": the status, e.g. "FINISHED"
+        #: for "end": when the run ended (ms), so a run ended late (after an outage, by
+        #: ``asynctrack sync``) keeps its own end time; None in an old spool
+        self.when = when
+
+
+def end_event(run_id: str, status: str) -> MetaEvent:
+    """A run's end, stamped now."""
+    return MetaEvent("end", run_id, "status", status, now_ms())
 
 
 class Job:

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 
 from asynctrack._engine.stats import FileCounters, Stats
-from asynctrack.errors import Rejection
+from asynctrack.errors import Rejection, refusal_line
 
 logger = logging.getLogger("asynctrack")
 
@@ -24,11 +24,15 @@ class Ledger:
         self.sent = self.retried = self.rejected = self.batches = self.in_flight = 0
         self.done = 0  # run ends and jobs finished: settled, but not events "sent"
         self.dropped = 0  # callers', under the lock
+        self.dropped_reasons: dict[str, int] = {}  # under the lock
         self.last_error = ""  # why the last retry or refusal happened, for messages
         self.files = FileCounters()
         self._on_settled = on_settled  # sync's progress bar
         self._lock = threading.Lock()
         self._rejections: list[Rejection] = []
+        # every refusal of the engine's life, by reason: (count, the first few), for the
+        # summary at exit; a reason is logged once, not once an event
+        self._refusals: dict[str, tuple[int, list[Rejection], set[str]]] = {}
 
     def took(self, count: int) -> None:
         self.held += count
@@ -58,14 +62,32 @@ class Ledger:
         self.last_error = rejections[0].reason
         with self._lock:
             self._rejections.extend(rejections)
-        for rejection in rejections[:5]:
-            logger.warning("asynctrack: server refused %s", rejection)
+        for rejection in rejections:
+            reason = rejection.reason
+            if reason not in self._refusals and len(self._refusals) >= 100:
+                reason = "(and other reasons)"  # bounded, whatever the server says
+            count, examples, runs = self._refusals.get(reason, (0, [], set()))
+            if not count:
+                logger.warning(
+                    "asynctrack: server refused %s (more refused for the same reason are "
+                    "counted, and reported at the next flush)",
+                    rejection,
+                )
+            if len(examples) < 3:
+                examples.append(rejection)
+            if len(runs) < 1000:
+                runs.add(rejection.run_id)
+            self._refusals[reason] = (count + 1, examples, runs)
         if self._on_settled is not None:
             self._on_settled(len(rejections))
 
-    def drop(self) -> None:
+    def drop(self, reason: str) -> bool:
+        """Count one event a full queue turned away; True the first time for ``reason``."""
         with self._lock:
             self.dropped += 1
+            count = self.dropped_reasons.get(reason, 0)
+            self.dropped_reasons[reason] = count + 1
+        return not count
 
     def take_rejections(self, run_id: str | None = None) -> list[Rejection]:
         """The rejections not yet reported (only ``run_id``'s, when given), now reported."""
@@ -80,21 +102,32 @@ class Ledger:
             self._rejections = kept
         return taken
 
+    def refusal_lines(self) -> list[str]:
+        """Every refusal so far, one line a reason with a few of its events (for exit)."""
+        return [
+            refusal_line(reason, count, examples, len(runs))
+            for reason, (count, examples, runs) in self._refusals.items()
+        ]
+
     def all_rejections(self) -> list[Rejection]:
         with self._lock:
             return list(self._rejections)
 
-    def stats(self, queued: int, spooled: int, spool_bytes: int, durable: int) -> Stats:
+    def stats(
+        self, queued: int, spooled: int, spool_bytes: int, durable: int, kept: int = 0
+    ) -> Stats:
         return Stats(
             queued=queued,
             sent=self.sent,
             retried=self.retried,
             rejected=self.rejected,
             dropped=self.dropped,
+            dropped_reasons=dict(self.dropped_reasons),
             batches_sent=self.batches,
             in_flight=self.in_flight,
             spooled=spooled,
             spool_bytes=spool_bytes,
             durable=durable,
+            kept=kept,
             **self.files.snapshot(),
         )

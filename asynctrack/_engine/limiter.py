@@ -39,13 +39,16 @@ keep others out::
     except OSError:
         token.done(Outcome.ERROR)
         raise
-    token.done(outcome_of(status, text), retry_after=retry_after)
+    token.done(outcome_of(status, text), retry_after=retry_after)  # transport.outcome_of
+
+The limiter knows outcomes, not HTTP: the transport says what an answer means for load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import threading
 import time
 import weakref
@@ -54,9 +57,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from asynctrack._engine.transport import Outcome, outcome_of
+__all__ = ["Limiter", "Outcome", "Token", "limiter_for"]
 
-__all__ = ["Limiter", "Outcome", "Token", "limiter_for", "outcome_of"]
+
+class Outcome(enum.Enum):
+    """What an answer (or its absence) says about the server's load, for the limiter."""
+
+    OK = "ok"  # stored or refused on its merits: the server is answering normally
+    OVERLOAD = "overload"  # 408, 425, 429, 5xx, an exhausted database pool
+    TIMEOUT = "timeout"  # no answer in time: the server may still be working on it
+    ERROR = "error"  # refused connection and the like: says nothing about load
+
 
 INITIAL_LIMIT = 2
 TOLERANCE = 2.0  # answers this much slower than usual count as a server queueing requests

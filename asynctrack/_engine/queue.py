@@ -4,6 +4,11 @@ Callers append to a ``deque`` (thread-safe, about 40 ns) and return; they never 
 worker, because waking another thread costs more than the call itself. The worker takes
 what is queued a few times a second (:meth:`EventQueue.take`). Only a full queue or a
 flush wakes it early.
+
+A full queue (the server away and the spool's disk full, say) under the "block" policy
+makes a caller wait up to ``flush_timeout`` once; then training goes on and what does not
+fit is dropped, counted, until the worker makes room again. A long job is worth more than
+its metrics. The "raise" policy raises instead, "drop" drops without waiting.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from asynctrack.errors import QueueFullError
 
 _POLL = 0.05  # seconds between two looks at the room left, for a caller that waits
 
+#: Why an event was dropped, as ``stats().dropped_reasons`` counts it.
+DROP_POLICY = "queue full (full_policy 'drop')"
+SHED = "queue full for flush_timeout (full_policy 'block'): dropped so training goes on"
+
 
 class EventQueue:
     __slots__ = (
@@ -31,6 +40,7 @@ class EventQueue:
         "_on_drop",
         "_policy",
         "_room",
+        "_shedding",
         "_start",
         "_timeout",
         "_wake",
@@ -41,7 +51,7 @@ class EventQueue:
         config: EngineConfig,
         start: Callable[[], None],
         wake: Callable[[], None],
-        on_drop: Callable[[], None],
+        on_drop: Callable[[str], None],
         full_message: Callable[[], str],
     ) -> None:
         self._buf: deque[Event] = deque()
@@ -56,6 +66,7 @@ class EventQueue:
         self._limit = 0
         self._barriers_put = 0  # by callers, under the lock
         self._barriers_taken = 0  # by the worker
+        self._shedding = False  # "block" waited once and found no room: drop until room
 
     def put(self, event: Event) -> None:
         """The hot path: queue one event and return."""
@@ -90,17 +101,22 @@ class EventQueue:
             self._buf.append(event)
             return
         if self._policy == "drop":
-            self._on_drop()
+            self._on_drop(DROP_POLICY)
             return
         self._wake()
         if self._policy == "raise":
             raise QueueFullError(self._full_message())
+        if self._shedding:
+            self._on_drop(SHED)
+            return
         deadline = time.monotonic() + self._timeout
         with self._room:
             while len(self._buf) >= self._capacity:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise QueueFullError(self._full_message())
+                    self._shedding = True
+                    self._on_drop(SHED)
+                    return
                 self._room.wait(min(remaining, _POLL))
         self._buf.append(event)
 
@@ -120,6 +136,8 @@ class EventQueue:
 
     def notify_room(self) -> None:
         with self._room:
+            if len(self._buf) < self._capacity:
+                self._shedding = False  # room again: "block" keeps events again
             self._room.notify_all()
 
     def __len__(self) -> int:

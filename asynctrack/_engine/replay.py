@@ -38,6 +38,7 @@ from asynctrack._engine import spool
 from asynctrack._engine.dispatcher import Dispatcher
 from asynctrack._engine.events import Job, MetaEvent, to_seconds
 from asynctrack._engine.jobs import Resources
+from asynctrack._engine.kept import Kept
 from asynctrack._engine.ledger import Ledger
 from asynctrack._engine.limiter import limiter_for
 from asynctrack._engine.retry import GaveUp, RetryPolicy
@@ -45,6 +46,7 @@ from asynctrack._engine.stats import FileCounters
 from asynctrack._engine.status import DirStatus, Survey, status, survey, writer_dirs
 from asynctrack._engine.threads import DaemonPool, run_each
 from asynctrack._engine.transport import (
+    Held,
     Refused,
     Transient,
     Transport,
@@ -53,9 +55,9 @@ from asynctrack._engine.transport import (
     sort_mlflow_error,
 )
 from asynctrack.config import EngineConfig
-from asynctrack.errors import Rejection
+from asynctrack.errors import KeptEvents, Rejection
 
-__all__ = ["DirStatus", "SyncReport", "replay", "status"]
+__all__ = ["DirStatus", "SyncReport", "discard", "replay", "status"]
 
 T = TypeVar("T")
 _REQUEST_TIMEOUT = 30.0
@@ -69,6 +71,8 @@ class SyncReport:
 
     stored: int = 0
     refused: list[Rejection] = field(default_factory=list)
+    #: held back for credentials or a permission: on disk still, for a later sync
+    kept: list[KeptEvents] = field(default_factory=list)
     left: int = 0  # events still on disk: the deadline passed, or a directory was not sent
     damaged: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # directories in use
@@ -79,12 +83,13 @@ class SyncReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.refused or self.left or self.damaged or self.errors)
+        return not (self.refused or self.kept or self.left or self.damaged or self.errors)
 
     def add(self, other: SyncReport) -> None:
         self.stored += other.stored
         self.left += other.left
-        for name in ("refused", "damaged", "skipped", "ended_runs", "open_runs", "errors"):
+        names = ("refused", "kept", "damaged", "skipped", "ended_runs", "open_runs", "errors")
+        for name in names:
             getattr(self, name).extend(getattr(other, name))
         self.directories.extend(other.directories)
 
@@ -133,6 +138,28 @@ def replay(
     return report
 
 
+def discard(root: Path) -> list[DirStatus]:
+    """The user's explicit command to drop what dead writers left under ``root``: each
+    directory not in use is deleted with the staged files it names; returns what was
+    dropped (a directory in use is left alone and not returned)."""
+    dropped = []
+    for found in status(root):
+        if found.alive:
+            continue
+        with spool.claim(found.directory) as fd:
+            if fd is None:
+                continue
+            for segment in found.directory.glob("*.seg"):
+                with contextlib.suppress(OSError):
+                    for _, events in spool.read_segment(segment).records:
+                        for event in events:
+                            if isinstance(event, (spool.Artifact, spool.Model)):
+                                _remove_staged(Path(event.path))
+            shutil.rmtree(found.directory, ignore_errors=True)
+        dropped.append(found)
+    return dropped
+
+
 def _locked(lock: threading.Lock, progress: Callable[[int], None], count: int) -> None:
     with lock:
         progress(count)
@@ -153,6 +180,7 @@ class _Directory:
         self.found, self.report, self.end_status = found, report, end_status
         self.override, self.timeout = override, timeout
         self.ledger = Ledger(on_settled=progress)
+        self.kept = Kept()
         self.policy = RetryPolicy(first=0.25, maximum=15.0, patience=timeout)
         self.request_timeout = min(_REQUEST_TIMEOUT, max(timeout, 1.0))
         self.last_error = ""
@@ -208,6 +236,9 @@ class _Directory:
                 source.close()
                 self.report.stored += self.ledger.sent + self.ledger.done
                 self.report.refused.extend(self.ledger.take_rejections())
+                if self.kept.events:
+                    reason, count = self.kept.reason, self.kept.events
+                    self.report.kept.append(KeptEvents(redact(uri), count, reason, str(where)))
                 self.report.damaged.sort()  # segments settle in any order; report in theirs
                 self._summary()
             if not any(where.glob("*.seg")):
@@ -215,9 +246,10 @@ class _Directory:
 
     def _summary(self) -> None:
         report = self.report
+        kept = sum(k.count for k in report.kept)
         report.directories.append(
             f"{self.found.directory.name}: stored {report.stored} events, refused "
-            f"{len(report.refused)}, {report.left} left"
+            f"{len(report.refused)}, {report.left + kept} left"
         )
 
     async def _dispatch(self, source: SegmentSource, transport: Transport, uri: str) -> None:
@@ -227,7 +259,15 @@ class _Directory:
         jobs = _ReplayJobs(uri, self.policy)
         limiter = limiter_for(uri, in_flight) if in_flight > 1 else None
         dispatcher = Dispatcher(
-            source, transport, self.ledger, jobs, in_flight, self.policy, limiter
+            source,
+            transport,
+            self.ledger,
+            jobs,
+            in_flight,
+            self.policy,
+            limiter,
+            self.kept,
+            retry_kept=False,  # what the server held back stays on disk for a later sync
         )
         try:
             await dispatcher.pump(due=True)
@@ -266,12 +306,17 @@ class _Directory:
             ended = self._attempt(
                 partial(_end_if_running, transport, run_id, self.end_status, died)
             )
-            if isinstance(ended, Refused):
+            if isinstance(ended, Held):
+                self.report.errors.append(
+                    f"run {run_id} not ended ({self.end_status}): {ended.reason}; a later "
+                    "sync ends it"
+                )
+            elif isinstance(ended, Refused):
                 self.report.refused.append(Rejection(run_id, "run", "status", ended.reason))
             elif ended:
                 self.report.ended_runs.append(run_id)
 
-    def _attempt(self, call: Callable[[], T]) -> T | Refused:
+    def _attempt(self, call: Callable[[], T]) -> T | Refused | Held:
         return self.policy.attempt_blocking(call, lambda exc: None)
 
 
@@ -355,9 +400,9 @@ class SegmentSource:
             return _upload_job(event) if isinstance(event, spool.Artifact) else _model_job(event)
         if skip:
             return None
-        if isinstance(event, MetaEvent) and event.kind == "end":
-            # the end was written before the segment's last write, and usually just after
-            # the run's last metric
+        if isinstance(event, MetaEvent) and event.kind == "end" and event.when is None:
+            # An older spool's end has no time: it was written before the segment's last
+            # write, and usually just after the run's last metric
             when = min(self._last_metric.get(event.run_id, mtime), mtime)
             self.end_times[event.run_id] = int(when * 1000)
         return event
@@ -418,13 +463,14 @@ class SegmentSource:
 
 class _ReplayTransport:
     """The directory's transport, but a run's end goes only to a run still RUNNING, with
-    the time its process last wrote for it."""
+    its own time (or, from an older spool, the time its process last wrote for it)."""
 
     def __init__(self, inner: Transport, source: SegmentSource) -> None:
         self._inner, self._source = inner, source
         self.log_batch = inner.log_batch
         self.run_status = inner.run_status
         self.run_tags = inner.run_tags
+        self.refresh = inner.refresh
 
     def end_run(self, run_id: str, status: str, end_time: int) -> None:
         _end_if_running(self._inner, run_id, status, self._source.end_times.get(run_id, end_time))

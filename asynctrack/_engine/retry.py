@@ -2,7 +2,9 @@
 worker, ``asynctrack sync``'s replay, and S3 uploads.
 
 A call either succeeds, raises :class:`~asynctrack._engine.transport.Transient` (the
-server is away, overloaded or slow: try again later) or raises
+server is away, overloaded or slow: try again later), raises
+:class:`~asynctrack._engine.transport.Held` (credentials or a permission refused: the
+caller keeps what it sent, for later) or raises
 :class:`~asynctrack._engine.transport.Refused` (the server said no: retrying cannot help).
 Any other exception means the request could not even be built (a value that cannot be
 encoded) or a bug: it is refused too, so one bad event never stops the worker or a sync.
@@ -24,7 +26,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from asynctrack._engine.transport import Refused, Transient, short
+from asynctrack._engine.transport import Held, Refused, Transient, short
 
 T = TypeVar("T")
 
@@ -47,8 +49,8 @@ class RetryPolicy:
 
     async def attempt(
         self, call: Callable[[], Awaitable[T]], on_transient: Callable[[Transient], None]
-    ) -> T | Refused:
-        """Await ``call()`` until it returns (its result) or is refused (the refusal)."""
+    ) -> T | Refused | Held:
+        """Await ``call()`` until it returns (its result), is refused or held (the answer)."""
         delays, deadline = self.delays(), time.monotonic() + self.patience
         while True:
             try:
@@ -56,14 +58,14 @@ class RetryPolicy:
             except Transient as exc:
                 on_transient(exc)
                 await asyncio.sleep(self._pause(exc, next(delays), deadline))
-            except Refused as exc:
+            except (Refused, Held) as exc:
                 return exc
             except Exception as exc:
                 return _not_sent(exc)
 
     def attempt_blocking(
         self, call: Callable[[], T], on_transient: Callable[[Transient], None]
-    ) -> T | Refused:
+    ) -> T | Refused | Held:
         """:meth:`attempt` for a blocking call, on the calling thread."""
         delays, deadline = self.delays(), time.monotonic() + self.patience
         while True:
@@ -72,7 +74,7 @@ class RetryPolicy:
             except Transient as exc:
                 on_transient(exc)
                 time.sleep(self._pause(exc, next(delays), deadline))
-            except Refused as exc:
+            except (Refused, Held) as exc:
                 return exc
             except Exception as exc:
                 return _not_sent(exc)

@@ -137,21 +137,44 @@ def shutdown() -> None:
 
 
 def _close(engine: Engine, timeout: float) -> None:
+    """Close ``engine``; then, if anything was not stored, one summary on stderr: what is
+    left and where it is kept, and what the server refused, a line a reason."""
     left = engine.close(timeout)
+    refusals = engine.ledger.refusal_lines()
+    drops = engine.stats().dropped_reasons
+    if not (left or refusals or drops):
+        return
+    server = redact(engine.tracking_uri)
+    lines = []
     if left:
-        cause = engine.last_error()
+        held = engine.kept_events()
+        if held and held[0].count >= left:  # the server answered: nothing was waited out
+            why = f"the server refused the credentials or a permission ({held[0].reason})"
+        else:
+            cause = engine.last_error()
+            why = f"{engine.config.exit_timeout:g} s passed without progress" + (
+                f"; last error: {cause}" if cause else ""
+            )
         spooled, where = engine.spooled(), engine.spool_dir()
+        fixed = " once the credentials or permissions are fixed" if held else ""
         kept = (
             f"; {spooled} of them are kept in the spool {where}: run "
-            f"`asynctrack sync {shlex.quote(where)}` to send them"
+            f"`asynctrack sync {shlex.quote(where)}`{fixed} to send them"
             if spooled
             else ""
         )
-        sys.stderr.write(
-            f"asynctrack: {left} event(s) could not be stored at {redact(engine.tracking_uri)} "
-            f"at exit: {engine.config.exit_timeout:g} s passed without progress"
-            f"{'; last error: ' + cause if cause else ''}{kept}\n"
+        lines.append(
+            f"asynctrack: {left} event(s) could not be stored at {server} at exit: {why}{kept}"
         )
+    if refusals:
+        lines.append(
+            f"asynctrack: {server}: {engine.ledger.sent} event(s) stored, "
+            f"{engine.ledger.rejected} refused:"
+        )
+        lines += [f"  {line}" for line in refusals]
+    for reason, count in drops.items():
+        lines.append(f"asynctrack: {server}: {count} event(s) dropped: {reason}")
+    sys.stderr.write("\n".join(lines) + "\n")
 
 
 def _register_mp_finalizer(engine: Engine) -> None:

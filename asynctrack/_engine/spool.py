@@ -16,10 +16,11 @@ there; the reader reports what it could not read. The CRC is checked before a pa
 decoded, so a damaged byte never reaches ``marshal``.
 
 Events in a record: a metric is ``(run_id, key, value, time_s, step)``, the tuple as
-queued; ``("p"|"t", run_id, key, value)`` for params and tags, ``("e", run_id, status)``
-for a run's end, ``("a", run_id, staged, artifact_dir)`` for an artifact upload (``staged``
-a file, or a staging area laid out as run-relative paths) and ``("d", run_id, staged)``
-once the writer has finished that upload (stored or reported), so ``sync`` skips it.
+queued; ``("p"|"t", run_id, key, value)`` for params and tags, ``("e", run_id, status,
+end_ms)`` for a run's end (``end_ms`` absent in older spools), ``("a", run_id, staged,
+artifact_dir)`` for an artifact upload (``staged`` a file, or a staging area laid out as
+run-relative paths) and ``("d", run_id, staged)`` once the writer has finished that
+upload (stored or reported), so ``sync`` skips it.
 ``("s", segment, [offset, ...])`` marks records (by segment number and the byte offset
 where the record starts) whose events the server has all stored or refused: ``sync`` and
 ``status`` skip their events (artifact uploads aside, which have ``"d"``). Markers are
@@ -75,7 +76,7 @@ def _plain(event: Event) -> tuple[Any, ...] | None:
         return event
     if isinstance(event, MetaEvent):
         if event.kind == "end":
-            return ("e", event.run_id, event.value)
+            return ("e", event.run_id, event.value, event.when)
         return (_KINDS[event.kind], event.run_id, event.key, event.value)
     if isinstance(event, Job) and event.spooled is not None:
         return ("m" if event.kind == "model" else "a", event.run_id, *event.spooled)
@@ -149,7 +150,8 @@ def decode(payload: bytes) -> list[Spooled]:
         if len(item) == 5:
             events.append(item)
         elif item[0] == "e":
-            events.append(MetaEvent("end", item[1], "status", item[2]))
+            when = item[3] if len(item) > 3 else None
+            events.append(MetaEvent("end", item[1], "status", item[2], when))
         elif item[0] == "a":
             events.append(Artifact(item[1], item[2], item[3]))
         elif item[0] == "m":

@@ -14,8 +14,10 @@ class Stats:
     ``queued`` events are accepted but not yet stored; ``sent`` were stored by the server;
     ``retried`` counts events re-sent after a transient failure (once per retry);
     ``rejected`` were refused by the server and reported by ``flush()``; ``dropped`` were
-    turned away by a full queue under the "drop" policy; ``batches_sent`` counts successful
-    ``log_batch`` calls; ``in_flight`` is the number of requests under way right now.
+    turned away by a full queue (``dropped_reasons`` counts them by reason: the "drop"
+    policy, or "block" after its one wait); ``kept`` are held back by the server for
+    credentials or a permission (kept, sent again, not lost); ``batches_sent`` counts
+    successful ``log_batch`` calls; ``in_flight`` is the number of requests under way.
 
     Artifact files (models' files included) are counted apart, in files and bytes:
     ``files_queued`` were captured and are not yet stored; ``files_uploaded`` were stored;
@@ -36,6 +38,8 @@ class Stats:
     retried: int = 0
     rejected: int = 0
     dropped: int = 0
+    dropped_reasons: dict[str, int] = field(default_factory=dict)
+    kept: int = 0
     batches_sent: int = 0
     in_flight: int = 0
     files_queued: int = 0
@@ -53,16 +57,17 @@ class Stats:
 
     def __add__(self, other: Stats) -> Stats:
         mine, theirs = asdict(self), asdict(other)
-        return Stats(**{k: _plus(mine[k], theirs[k]) for k in mine})
+        return Stats(**{k: _sum(mine[k], theirs[k]) for k in mine})
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _plus(mine: Any, theirs: Any) -> Any:
-    if isinstance(mine, dict):  # counts by reason
-        return {k: mine.get(k, 0) + theirs.get(k, 0) for k in {**mine, **theirs}}
-    return mine + theirs
+def _sum(a: Any, b: Any) -> Any:
+    """Two counts, or two tables of counts by reason, added up."""
+    if isinstance(a, dict):
+        return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
+    return a + b
 
 
 class FileCounters:

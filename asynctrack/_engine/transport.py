@@ -2,8 +2,10 @@
 
 Two transports with one contract: ``log_batch``, ``end_run``, ``run_status`` and
 ``run_tags`` either return, raise :class:`Transient` (retry later: the server is down,
-overloaded or slow) or raise :class:`Refused` (the server said no; retrying the same
-request cannot help).
+overloaded or slow), raise :class:`Held` (the server refused the credentials or a
+permission: the user can fix that, so what was sent is kept, never dropped) or raise
+:class:`Refused` (the server said no to the data itself; retrying cannot help). Only a
+refusal lets events leave the spool unstored.
 :func:`check_answer` and :func:`sort_mlflow_error` are the one place where an answer is
 judged, for the live worker, ``asynctrack sync`` and the artifact uploads alike.
 
@@ -17,7 +19,6 @@ MLflow's own, unpatched client (:func:`asynctrack._gate.plain_client`).
 
 from __future__ import annotations
 
-import enum
 import http.client
 import json
 import math
@@ -26,13 +27,11 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from asynctrack._engine.events import INT64_MAX, INT64_MIN, Metric, to_json_number, to_ms
+from asynctrack._engine.limiter import Limiter, Outcome
 from asynctrack._engine.wire import Wire, routed_reason
-
-if TYPE_CHECKING:  # the limiter imports this module's outcomes
-    from asynctrack._engine.limiter import Limiter
 
 KeyValue = tuple[str, str]
 
@@ -44,18 +43,11 @@ TRANSIENT_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUE
 # an exhausted SQLAlchemy pool (PostgreSQL) or a busy sqlite file.
 _OVERLOAD_MESSAGES = ("QueuePool limit of size", "database is locked")
 # Error codes where the request as a whole is refused, so splitting it cannot help.
-_WHOLE_REQUEST_CODES = frozenset(
-    {"RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
-)
-
-
-class Outcome(enum.Enum):
-    """What an answer (or its absence) says about the server's load, for the limiter."""
-
-    OK = "ok"  # stored or refused on its merits: the server is answering normally
-    OVERLOAD = "overload"  # 408, 425, 429, 5xx, an exhausted database pool
-    TIMEOUT = "timeout"  # no answer in time: the server may still be working on it
-    ERROR = "error"  # refused connection and the like: says nothing about load
+_WHOLE_REQUEST_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"})
+# Answers about who is asking, not about the data: a wrong or expired password or token,
+# a missing permission, a proxy's login. Kept and retried, not refused.
+HELD_STATUS = frozenset({401, 403, 407})
+HELD_CODES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
 
 
 class Transient(Exception):
@@ -79,6 +71,15 @@ class Refused(Exception):
         self.splittable = splittable
 
 
+class Held(Exception):
+    """The server refused the credentials or a permission (HTTP 401, 403, 407): what was
+    sent is kept and retried, with credentials resolved again, until they are fixed."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Transport(Protocol):
     def log_batch(
         self,
@@ -93,6 +94,10 @@ class Transport(Protocol):
     def run_status(self, run_id: str) -> str: ...
 
     def run_tags(self, run_id: str) -> dict[str, str]: ...
+
+    def refresh(self) -> None:
+        """Resolve the credentials again (after a :class:`Held` answer): a rotated token
+        or a changed password file is picked up without a restart."""
 
 
 def outcome_of(status: int, text: str = "") -> Outcome:
@@ -112,20 +117,24 @@ def check_answer(status: int, text: str, retry_after: float | None = None) -> No
         detail = f": {short(_error_of(text)[1])}" if status == 400 else ""
         raise Transient(f"HTTP {status}{detail}", retry_after, Outcome.OVERLOAD)
     code, message = _error_of(text)
+    if status in HELD_STATUS:
+        raise Held(f"HTTP {status}: {short(message)}")
     raise Refused(
         f"{code or 'HTTP ' + str(status)}: {short(message)}",
-        splittable=_splittable(code, message) and status not in (401, 403, 404),
+        splittable=_splittable(code, message) and status != 404,
     )
 
 
-def sort_mlflow_error(exc: Exception) -> Transient | Refused:
-    """An exception from MLflow's own client or store, as a Transient or a Refused."""
+def sort_mlflow_error(exc: Exception) -> Transient | Held | Refused:
+    """An exception from MLflow's own client or store, as a Transient, Held or Refused."""
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):
         code, message = exc.error_code, exc.message
         if code in TRANSIENT_CODES or any(sign in message for sign in _OVERLOAD_MESSAGES):
             return Transient(short(message), None, Outcome.OVERLOAD)
+        if code in HELD_CODES:
+            return Held(f"{code}: {short(message)}")
         return Refused(f"{code}: {short(message)}", splittable=_splittable(code, message))
     if isinstance(exc, OSError):  # requests' connection errors, a locked or full disk
         return Transient(short(f"{type(exc).__name__}: {exc}"))
@@ -189,30 +198,33 @@ class RestTransport:
     """An ``http(s)://`` tracking server, spoken to directly with pre-encoded JSON."""
 
     def __init__(self, tracking_uri: str, request_timeout: float) -> None:
-        from mlflow.utils.credentials import get_default_host_creds
-
         self._uri = tracking_uri
-        self._creds = get_default_host_creds(tracking_uri)
         self._timeout = request_timeout
-        #: Why requests go through MLflow's ``http_request`` (None: the wire sends them).
-        self.routed = routed_reason(self._creds)
-        self._wire = Wire(self._creds, request_timeout) if self.routed is None else None
+        self._wire: Wire | None = None
         self._routed_count = 0  # requests sent through MLflow's path, from sender threads
         self._count_lock = threading.Lock()
-        if self.routed is not None:
-            _name_route_once(tracking_uri, self.routed)
+        self.refresh()
         #: The engine's server limiter, which stretches the timeout while the server is slow.
         self.limiter: Limiter | None = None
 
-    def refresh_credentials(self) -> None:
-        """Read MLflow's credential sources again (variables, ``~/.mlflow/credentials``,
-        the URL, netrc): the next request uses a rotated password or token. Cheap (well
-        under a millisecond); safe from any thread while requests are under way."""
+    def refresh(self) -> None:
+        """Read MLflow's credential sources again (its variables and credentials file, the
+        URL's ``user:password@``, netrc): the next request uses a rotated password or token.
+        Safe from any thread while requests are under way."""
         from mlflow.utils.credentials import get_default_host_creds
 
-        self._creds = get_default_host_creds(self._uri)
-        if self._wire is not None:
-            self._wire.refresh(self._creds)
+        creds = get_default_host_creds(self._uri)
+        #: Why requests go through MLflow's ``http_request`` (None: the wire sends them).
+        routed = routed_reason(creds)
+        wire = self._wire
+        if routed is None and wire is not None:
+            wire.refresh(creds)  # keeps its connections and the header plugins' work
+        else:
+            wire = Wire(creds, self._timeout) if routed is None else None
+        if routed is not None:
+            _name_route_once(self._uri, routed)
+        # sender threads read _wire once per request, then _creds only without a wire
+        self._creds, self._wire, self.routed = creds, wire, routed
 
     def mlflow_path(self) -> dict[str, int]:
         """Requests sent through MLflow's ``http_request``, by the reason they had to be."""
@@ -341,6 +353,9 @@ class StoreTransport:
 
     def run_tags(self, run_id: str) -> dict[str, str]:
         return dict(self._call(self._client.get_run, run_id).data.tags)
+
+    def refresh(self) -> None:
+        """A local store asks for no credentials; a database URI carries its own."""
 
 
 _named_routes: set[tuple[str, str]] = set()

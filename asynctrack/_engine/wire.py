@@ -107,7 +107,6 @@ class Wire:
         self._ssl = _ssl_context(creds) if self._https else None
         self._base = {**resolve_request_headers(), "Content-Type": "application/json"}
         self._headers = self._base
-        self._uri: str = creds.host
         self.refresh(creds)
         workspace = get_request_workspace()
         self._workspace = (
@@ -117,15 +116,10 @@ class Wire:
         )
         self._local = threading.local()
 
-    def refresh(self, creds: Any = None) -> None:
-        """Resolve the credentials again (``creds``, or MLflow's sources read afresh for the
-        same URI): a rotated password, token or netrc file is used from the next request.
-        Cheap (no header plugins run again); safe while other threads send."""
-        if creds is None:
-            from mlflow.utils.credentials import get_default_host_creds
-
-            creds = get_default_host_creds(self._uri)
-        self._uri = creds.host
+    def refresh(self, creds: Any) -> None:
+        """Use the credentials ``creds`` resolve to from the next request on (a rotated
+        password, token or netrc file); cheap: no header plugin runs again. Safe while
+        other threads send."""
         auth = resolve_auth(creds)
         # A header plugin's Authorization stays unless credentials replace it, as in MLflow.
         # One reference swapped: a request reads either the old headers or the new ones.

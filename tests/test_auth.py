@@ -383,7 +383,11 @@ def test_a_request_auth_plugin_goes_through_mlflow_and_is_counted(
 
 
 def test_rotated_password_is_picked_up_by_refresh(
-    mlflow_auth_server: MlflowAuthServer, user: User, clean_env: dict[str, str], tmp_path: Path
+    mlflow_auth_server: MlflowAuthServer,
+    user: User,
+    clean_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     """``RestTransport.refresh`` reads MLflow's sources again (here the netrc
     file, rewritten after the password changed): the next request uses the new password."""
@@ -392,7 +396,7 @@ def test_rotated_password_is_picked_up_by_refresh(
     client = MlflowClient(with_userinfo(mlflow_auth_server.url, user))
     run_id = client.create_run(client.create_experiment(f"rotate-{user.name}")).info.run_id
     netrc = write_netrc(tmp_path / "netrc", mlflow_auth_server.url, user)
-    os.environ["NETRC"] = str(netrc)  # clean_env's monkeypatch restores it
+    monkeypatch.setenv("NETRC", str(netrc))
     transport = RestTransport(mlflow_auth_server.url, 10.0)
     transport.log_batch(run_id, [(run_id, "m", 1.0, 1_700_000_000.0, 0)], [], [])
 

@@ -380,6 +380,8 @@ def test_a_request_auth_plugin_goes_through_mlflow_and_is_counted(
     err = capfd.readouterr().err
     assert err.count("go through MLflow's own HTTP client") == 1
     assert asynctrack.stats().mlflow_path == routed
+    status = CliRunner().invoke(main, ["status", str(tmp_path / "spool")])
+    assert "MLflow's HTTP client: " in status.output and f"({reason})" in status.output
 
 
 def test_rotated_password_is_picked_up_by_refresh(

@@ -93,6 +93,28 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[
     yield dict(os.environ)
 
 
+class Case(NamedTuple):
+    """What every test here uses: the server, a fresh user, an environment with no
+    credential of any kind (an empty HOME), and pytest's monkeypatch and tmp_path."""
+
+    server: MlflowAuthServer
+    user: User
+    env: dict[str, str]
+    monkeypatch: pytest.MonkeyPatch
+    tmp: Path
+
+
+@pytest.fixture
+def case(
+    mlflow_auth_server: MlflowAuthServer,
+    user: User,
+    clean_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> Case:
+    return Case(mlflow_auth_server, user, clean_env, monkeypatch, tmp_path)
+
+
 def with_userinfo(url: str, user: User) -> str:
     return url.replace("http://", f"http://{user.name}:{user.password}@")
 
@@ -143,94 +165,71 @@ def assert_nothing_shows(user: User, *texts: str, spool_root: Path | None = None
             assert secret not in text, f"a secret of {user.name} shows in {where}"
 
 
-def test_env_username_and_password(
-    mlflow_auth_server: MlflowAuthServer,
-    user: User,
-    clean_env: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> None:
+def test_env_username_and_password(case: Case) -> None:
     env = {
-        **clean_env,
-        "MLFLOW_TRACKING_URI": mlflow_auth_server.url,
-        "MLFLOW_TRACKING_USERNAME": user.name,
-        "MLFLOW_TRACKING_PASSWORD": user.password,
+        **case.env,
+        "MLFLOW_TRACKING_URI": case.server.url,
+        "MLFLOW_TRACKING_USERNAME": case.user.name,
+        "MLFLOW_TRACKING_PASSWORD": case.user.password,
     }
-    result, printed = run_script(env, f"env-{user.name}")
+    result, printed = run_script(env, f"env-{case.user.name}")
 
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user.name)
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", user.password)
-    assert_all_stored(MlflowClient(mlflow_auth_server.url), result)
-    assert_nothing_shows(user, printed, spool_root=tmp_path / "spool")
+    case.monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", case.user.name)
+    case.monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", case.user.password)
+    assert_all_stored(MlflowClient(case.server.url), result)
+    assert_nothing_shows(case.user, printed, spool_root=case.tmp / "spool")
 
 
-def test_userinfo_in_the_tracking_uri(
-    mlflow_auth_server: MlflowAuthServer, user: User, clean_env: dict[str, str], tmp_path: Path
-) -> None:
-    uri = with_userinfo(mlflow_auth_server.url, user)
-    result, printed = run_script({**clean_env, "MLFLOW_TRACKING_URI": uri}, f"uri-{user.name}")
+def test_userinfo_in_the_tracking_uri(case: Case) -> None:
+    uri = with_userinfo(case.server.url, case.user)
+    result, printed = run_script({**case.env, "MLFLOW_TRACKING_URI": uri}, f"uri-{case.user.name}")
 
     assert_all_stored(MlflowClient(uri), result)
     # MLflow's own "View run ... at" line would show the password; ours shows ***
-    assert f"{mlflow_auth_server.url.replace('http://', 'http://***@')}/#/experiments/" in printed
-    assert_nothing_shows(user, printed, spool_root=tmp_path / "spool")
+    assert f"{case.server.url.replace('http://', 'http://***@')}/#/experiments/" in printed
+    assert_nothing_shows(case.user, printed, spool_root=case.tmp / "spool")
 
 
-def test_netrc_file_named_by_NETRC(
-    mlflow_auth_server: MlflowAuthServer,
-    user: User,
-    clean_env: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> None:
-    netrc = write_netrc(tmp_path / "netrc", mlflow_auth_server.url, user)
-    env = {**clean_env, "MLFLOW_TRACKING_URI": mlflow_auth_server.url, "NETRC": str(netrc)}
-    result, printed = run_script(env, f"netrc-{user.name}")
+def test_netrc_file_named_by_NETRC(case: Case) -> None:
+    netrc = write_netrc(case.tmp / "netrc", case.server.url, case.user)
+    env = {**case.env, "MLFLOW_TRACKING_URI": case.server.url, "NETRC": str(netrc)}
+    result, printed = run_script(env, f"netrc-{case.user.name}")
 
-    monkeypatch.setenv("NETRC", str(netrc))
-    assert_all_stored(MlflowClient(mlflow_auth_server.url), result)
-    assert_nothing_shows(user, printed, spool_root=tmp_path / "spool")
+    case.monkeypatch.setenv("NETRC", str(netrc))
+    assert_all_stored(MlflowClient(case.server.url), result)
+    assert_nothing_shows(case.user, printed, spool_root=case.tmp / "spool")
 
 
-def test_netrc_wins_over_the_environment_as_in_mlflow(
-    mlflow_auth_server: MlflowAuthServer,
-    user: User,
-    clean_env: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> None:
+def test_netrc_wins_over_the_environment_as_in_mlflow(case: Case) -> None:
     # requests lets a netrc entry replace the header MLflow built from its variables: a
     # wrong MLFLOW_TRACKING_PASSWORD does not matter to plain MLflow then, nor to us.
-    netrc = write_netrc(tmp_path / "netrc", mlflow_auth_server.url, user)
-    wrong = {"MLFLOW_TRACKING_USERNAME": user.name, "MLFLOW_TRACKING_PASSWORD": "not-it-000000"}
-    env = {**clean_env, "MLFLOW_TRACKING_URI": mlflow_auth_server.url, "NETRC": str(netrc)}
-    result, _ = run_script({**env, **wrong}, f"netrc-env-{user.name}")
+    netrc = write_netrc(case.tmp / "netrc", case.server.url, case.user)
+    wrong = {
+        "MLFLOW_TRACKING_USERNAME": case.user.name,
+        "MLFLOW_TRACKING_PASSWORD": "not-it-000000",
+    }
+    env = {**case.env, "MLFLOW_TRACKING_URI": case.server.url, "NETRC": str(netrc)}
+    result, _ = run_script({**env, **wrong}, f"netrc-env-{case.user.name}")
 
-    monkeypatch.setenv("NETRC", str(netrc))
+    case.monkeypatch.setenv("NETRC", str(netrc))
     for name, value in wrong.items():
-        monkeypatch.setenv(name, value)
-    assert_all_stored(MlflowClient(mlflow_auth_server.url), result)  # plain MLflow agrees
+        case.monkeypatch.setenv(name, value)
+    assert_all_stored(MlflowClient(case.server.url), result)  # plain MLflow agrees
 
 
-def test_bearer_token(
-    mlflow_auth_server: MlflowAuthServer,
-    user: User,
-    clean_env: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> None:
+def test_bearer_token(case: Case) -> None:
     # MLflow's basic-auth app takes no bearer token; the test server's authorization
     # function (MLflow's extension point) maps tokens it issued to users.
-    token = mlflow_auth_server.issue_token(user.name)
+    token = case.server.issue_token(case.user.name)
     env = {
-        **clean_env,
-        "MLFLOW_TRACKING_URI": mlflow_auth_server.url,
+        **case.env,
+        "MLFLOW_TRACKING_URI": case.server.url,
         "MLFLOW_TRACKING_TOKEN": token,
     }
-    result, printed = run_script(env, f"token-{user.name}")
+    result, printed = run_script(env, f"token-{case.user.name}")
 
-    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", token)
-    assert_all_stored(MlflowClient(mlflow_auth_server.url), result)
+    case.monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", token)
+    assert_all_stored(MlflowClient(case.server.url), result)
     assert token not in printed
 
 
@@ -244,20 +243,18 @@ def crash_spool(root: Path, owner_uri: str, run_id: str) -> Path:
     return writer.directory
 
 
-def test_sync_with_credentials_in_the_tracking_uri(
-    mlflow_auth_server: MlflowAuthServer, user: User, clean_env: dict[str, str], tmp_path: Path
-) -> None:
-    uri = with_userinfo(mlflow_auth_server.url, user)
+def test_sync_with_credentials_in_the_tracking_uri(case: Case) -> None:
+    uri = with_userinfo(case.server.url, case.user)
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment(f"sync-{user.name}")).info.run_id
+    run_id = client.create_run(client.create_experiment(f"sync-{case.user.name}")).info.run_id
     # the engine writes the URI redacted: the spool never keeps the password
-    directory = crash_spool(tmp_path / "crash", redact(uri), run_id)
+    directory = crash_spool(case.tmp / "crash", redact(uri), run_id)
 
     # without credentials (the spool has none), the CLI asks for them and keeps everything
     kept = CliRunner().invoke(main, ["sync", str(directory)])
     assert kept.exit_code == 1 and "--tracking-uri" in kept.output
     synced = CliRunner().invoke(main, ["sync", str(directory), "--tracking-uri", uri])
-    summary = ["--tracking-uri", uri, "runs", "summary", f"sync-{user.name}"]
+    summary = ["--tracking-uri", uri, "runs", "summary", f"sync-{case.user.name}"]
     listed = CliRunner().invoke(main, summary)
 
     assert synced.exit_code == 0, synced.output
@@ -266,51 +263,40 @@ def test_sync_with_credentials_in_the_tracking_uri(
     assert sorted((m.step, m.value) for m in history) == [(s, s / 4) for s in range(500)]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert listed.exit_code == 0 and "metrics.loss.max    124.75" in listed.output
-    assert_nothing_shows(user, kept.output, synced.output, listed.output)
+    assert_nothing_shows(case.user, kept.output, synced.output, listed.output)
 
 
-def test_sync_with_netrc_and_with_environment_credentials(
-    mlflow_auth_server: MlflowAuthServer,
-    user: User,
-    clean_env: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> None:
-    client = MlflowClient(with_userinfo(mlflow_auth_server.url, user))
-    experiment = client.create_experiment(f"sync-env-{user.name}")
+def test_sync_with_netrc_and_with_environment_credentials(case: Case) -> None:
+    client = MlflowClient(with_userinfo(case.server.url, case.user))
+    experiment = client.create_experiment(f"sync-env-{case.user.name}")
     runs = [client.create_run(experiment).info.run_id for _ in range(2)]
-    first = crash_spool(tmp_path / "a", mlflow_auth_server.url, runs[0])
-    second = crash_spool(tmp_path / "b", mlflow_auth_server.url, runs[1])
+    first = crash_spool(case.tmp / "a", case.server.url, runs[0])
+    second = crash_spool(case.tmp / "b", case.server.url, runs[1])
 
-    netrc = write_netrc(tmp_path / "netrc", mlflow_auth_server.url, user)
-    monkeypatch.setenv("NETRC", str(netrc))
+    netrc = write_netrc(case.tmp / "netrc", case.server.url, case.user)
+    case.monkeypatch.setenv("NETRC", str(netrc))
     by_netrc = CliRunner().invoke(main, ["sync", str(first)])
-    monkeypatch.delenv("NETRC")
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user.name)
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", user.password)
+    case.monkeypatch.delenv("NETRC")
+    case.monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", case.user.name)
+    case.monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", case.user.password)
     by_env = CliRunner().invoke(main, ["sync", str(second)])
 
     for result, run_id in ((by_netrc, runs[0]), (by_env, runs[1])):
         assert result.exit_code == 0, result.output
         assert len(client.get_metric_history(run_id, "loss")) == 500
-    assert_nothing_shows(user, by_netrc.output, by_env.output)
+    assert_nothing_shows(case.user, by_netrc.output, by_env.output)
 
 
 def test_wrong_password_shows_no_secret_anywhere(
-    mlflow_auth_server: MlflowAuthServer,
-    user: User,
-    clean_env: dict[str, str],
-    caplog: pytest.LogCaptureFixture,
-    capfd: pytest.CaptureFixture[str],
-    tmp_path: Path,
+    case: Case, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """What the user sees when the server says no: refusals, flush errors, reprs, logs, the
+    """What the case.user sees when the server says no: refusals, flush errors, reprs, logs, the
     spool and owner.json, with a wrong password in the URI (a secret all the same)."""
-    right = MlflowClient(with_userinfo(mlflow_auth_server.url, user))
-    run_id = right.create_run(right.create_experiment(f"wrong-{user.name}")).info.run_id
-    wrong = User(user.name, f"pw-{secrets.token_urlsafe(16)}")
-    uri = with_userinfo(mlflow_auth_server.url, wrong).replace("127.0.0.1", "localhost")
-    asynctrack.configure_engine(uri, spool_dir=str(tmp_path / "spool"), flush_timeout=20.0)
+    right = MlflowClient(with_userinfo(case.server.url, case.user))
+    run_id = right.create_run(right.create_experiment(f"wrong-{case.user.name}")).info.run_id
+    wrong = User(case.user.name, f"pw-{secrets.token_urlsafe(16)}")
+    uri = with_userinfo(case.server.url, wrong).replace("127.0.0.1", "localhost")
+    asynctrack.configure_engine(uri, spool_dir=str(case.tmp / "spool"), flush_timeout=20.0)
     engine = asynctrack._engine.get_engine(uri)
     shown: list[str] = [repr(engine)]
     try:
@@ -321,16 +307,16 @@ def test_wrong_password_shows_no_secret_anywhere(
         except asynctrack.AsyncTrackError as exc:  # refused, or kept for later: either way
             shown += [str(exc), repr(exc)]
         shown += [repr(engine), str(engine.stats()), engine.last_error()]
-        [owner] = (tmp_path / "spool").rglob("owner.json")  # while the engine runs
+        [owner] = (case.tmp / "spool").rglob("owner.json")  # while the engine runs
         assert json.loads(owner.read_text())["tracking_uri"] == redact(uri)
-        assert_nothing_shows(wrong, spool_root=tmp_path / "spool")
+        assert_nothing_shows(wrong, spool_root=case.tmp / "spool")
     finally:
         engine.close(1.0)
     out, err = capfd.readouterr()
     shown += [out, err, *(r.getMessage() for r in caplog.records)]
     assert any("401" in text or "authenticated" in text for text in shown)  # it did refuse
-    for who in (wrong, user):
-        assert_nothing_shows(who, *shown, spool_root=tmp_path / "spool")
+    for who in (wrong, case.user):
+        assert_nothing_shows(who, *shown, spool_root=case.tmp / "spool")
 
 
 class _PluginAuth:
@@ -346,12 +332,7 @@ class _PluginAuth:
 
 
 def test_a_request_auth_plugin_goes_through_mlflow_and_is_counted(
-    mlflow_auth_server: MlflowAuthServer,
-    user: User,
-    clean_env: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
-    capfd: pytest.CaptureFixture[str],
-    tmp_path: Path,
+    case: Case, capfd: pytest.CaptureFixture[str]
 ) -> None:
     from mlflow.tracking.request_auth import registry
 
@@ -360,14 +341,14 @@ def test_a_request_auth_plugin_goes_through_mlflow_and_is_counted(
             return "asynctrack-test-auth"
 
         def get_auth(self) -> Any:
-            return _PluginAuth(user)
+            return _PluginAuth(case.user)
 
-    monkeypatch.setattr(registry._request_auth_provider_registry, "_registry", [Provider()])
-    monkeypatch.setenv("MLFLOW_TRACKING_AUTH", "asynctrack-test-auth")
-    uri = mlflow_auth_server.url.replace("127.0.0.1", "localhost") + "/"  # its own engine
+    case.monkeypatch.setattr(registry._request_auth_provider_registry, "_registry", [Provider()])
+    case.monkeypatch.setenv("MLFLOW_TRACKING_AUTH", "asynctrack-test-auth")
+    uri = case.server.url.replace("127.0.0.1", "localhost") + "/"  # its own engine
     client = MlflowClient(uri)
-    asynctrack.configure_engine(uri, spool_dir=str(tmp_path / "spool"))
-    tracker = asynctrack.MLflowExperimentTracker(f"plugin-{user.name}", tracking_uri=uri)
+    asynctrack.configure_engine(uri, spool_dir=str(case.tmp / "spool"))
+    tracker = asynctrack.MLflowExperimentTracker(f"plugin-{case.user.name}", tracking_uri=uri)
     with tracker.start_run(run_name="plugin"):
         for step in range(STEPS):
             tracker.log_metric("loss", step / 10, step=step)
@@ -380,35 +361,29 @@ def test_a_request_auth_plugin_goes_through_mlflow_and_is_counted(
     err = capfd.readouterr().err
     assert err.count("go through MLflow's own HTTP client") == 1
     assert asynctrack.stats().mlflow_path == routed
-    status = CliRunner().invoke(main, ["status", str(tmp_path / "spool")])
+    status = CliRunner().invoke(main, ["status", str(case.tmp / "spool")])
     assert "MLflow's HTTP client: " in status.output and f"({reason})" in status.output
 
 
-def test_rotated_password_is_picked_up_by_refresh(
-    mlflow_auth_server: MlflowAuthServer,
-    user: User,
-    clean_env: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> None:
+def test_rotated_password_is_picked_up_by_refresh(case: Case) -> None:
     """``RestTransport.refresh`` reads MLflow's sources again (here the netrc
     file, rewritten after the password changed): the next request uses the new password."""
     from asynctrack._engine.transport import Held, RestTransport
 
-    client = MlflowClient(with_userinfo(mlflow_auth_server.url, user))
-    run_id = client.create_run(client.create_experiment(f"rotate-{user.name}")).info.run_id
-    netrc = write_netrc(tmp_path / "netrc", mlflow_auth_server.url, user)
-    monkeypatch.setenv("NETRC", str(netrc))
-    transport = RestTransport(mlflow_auth_server.url, 10.0)
+    client = MlflowClient(with_userinfo(case.server.url, case.user))
+    run_id = client.create_run(client.create_experiment(f"rotate-{case.user.name}")).info.run_id
+    netrc = write_netrc(case.tmp / "netrc", case.server.url, case.user)
+    case.monkeypatch.setenv("NETRC", str(netrc))
+    transport = RestTransport(case.server.url, 10.0)
     transport.log_batch(run_id, [(run_id, "m", 1.0, 1_700_000_000.0, 0)], [], [])
 
-    rotated = User(user.name, f"pw-{secrets.token_urlsafe(16)}")
-    mlflow_auth_server.update_password(*rotated)
+    rotated = User(case.user.name, f"pw-{secrets.token_urlsafe(16)}")
+    case.server.update_password(*rotated)
     with pytest.raises(Held):  # kept for later, not stored
         transport.log_batch(run_id, [(run_id, "m", 2.0, 1_700_000_000.0, 1)], [], [])
-    write_netrc(netrc, mlflow_auth_server.url, rotated)
+    write_netrc(netrc, case.server.url, rotated)
     transport.refresh()
     transport.log_batch(run_id, [(run_id, "m", 3.0, 1_700_000_000.0, 2)], [], [])
 
-    reader = MlflowClient(with_userinfo(mlflow_auth_server.url, rotated))
+    reader = MlflowClient(with_userinfo(case.server.url, rotated))
     assert sorted(m.step for m in reader.get_metric_history(run_id, "m")) == [0, 2]

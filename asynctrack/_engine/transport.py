@@ -214,8 +214,7 @@ class RestTransport:
         from mlflow.utils.credentials import get_default_host_creds
 
         creds = get_default_host_creds(self._uri)
-        #: Why requests go through MLflow's ``http_request`` (None: the wire sends them).
-        routed = routed_reason(creds)
+        routed = routed_reason(creds)  # why MLflow's http_request must send (None: the wire)
         wire = self._wire
         if routed is None and wire is not None:
             wire.refresh(creds)  # keeps its connections and the header plugins' work

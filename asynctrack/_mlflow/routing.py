@@ -151,8 +151,8 @@ def print_run_url(s: sink.RunSink) -> None:
         return
     from asynctrack._engine.transport import redact
 
-    client = mlflow.MlflowClient(s.tracking_uri)
     with contextlib.suppress(Exception):  # a link is not worth failing the run's end
+        client = mlflow.MlflowClient(s.tracking_uri)
         if redact(s.tracking_uri) == s.tracking_uri:
             private.print_run_url(client, s.run_id)
             return

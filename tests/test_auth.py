@@ -31,6 +31,9 @@ from asynctrack._engine.transport import redact
 from asynctrack.cli import main
 from asynctrack.testing import MlflowAuthServer
 
+# the CLI sets MLflow's process-wide tracking URI: the next test must not inherit it
+pytestmark = pytest.mark.usefixtures("restore_tracking_uri")
+
 STEPS = 300  # points per run: three log_batch calls' worth with the small batches below
 
 # A user's training script: a tracker run, then plain MLflow code under the drop-in.

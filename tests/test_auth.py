@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 import asynctrack
-from asynctrack._engine import spool
+from asynctrack._engine import runtime, spool
 from asynctrack._engine.events import MetaEvent
 from asynctrack._engine.transport import redact
 from asynctrack.cli import main
@@ -116,6 +116,19 @@ def case(
     tmp_path: Path,
 ) -> Case:
     return Case(mlflow_auth_server, user, clean_env, monkeypatch, tmp_path)
+
+
+@pytest.fixture
+def own_engine() -> Iterator[list[str]]:
+    """Tracking URIs whose engines a test starts in this process: closed and forgotten
+    after it, so no later test's ``asynctrack.flush()`` meets what they keep (events held
+    for a wrong password) or counts what they sent."""
+    uris: list[str] = []
+    yield uris
+    for uri in uris:
+        engine = runtime._engines.pop(uri, None)
+        if engine is not None:
+            engine.close(1.0)
 
 
 def with_userinfo(url: str, user: User) -> str:
@@ -291,14 +304,18 @@ def test_sync_with_netrc_and_with_environment_credentials(case: Case) -> None:
 
 
 def test_wrong_password_shows_no_secret_anywhere(
-    case: Case, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+    case: Case,
+    own_engine: list[str],
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """What the case.user sees when the server says no: refusals, flush errors, reprs, logs, the
+    """What the user sees when the server says no: refusals, flush errors, reprs, logs, the
     spool and owner.json, with a wrong password in the URI (a secret all the same)."""
     right = MlflowClient(with_userinfo(case.server.url, case.user))
     run_id = right.create_run(right.create_experiment(f"wrong-{case.user.name}")).info.run_id
     wrong = User(case.user.name, f"pw-{secrets.token_urlsafe(16)}")
     uri = with_userinfo(case.server.url, wrong).replace("127.0.0.1", "localhost")
+    own_engine.append(uri)
     asynctrack.configure_engine(uri, spool_dir=str(case.tmp / "spool"), flush_timeout=20.0)
     engine = asynctrack._engine.get_engine(uri)
     shown: list[str] = [repr(engine)]
@@ -335,7 +352,7 @@ class _PluginAuth:
 
 
 def test_a_request_auth_plugin_goes_through_mlflow_and_is_counted(
-    case: Case, capfd: pytest.CaptureFixture[str]
+    case: Case, own_engine: list[str], capfd: pytest.CaptureFixture[str]
 ) -> None:
     from mlflow.tracking.request_auth import registry
 
@@ -350,6 +367,7 @@ def test_a_request_auth_plugin_goes_through_mlflow_and_is_counted(
     case.monkeypatch.setenv("MLFLOW_TRACKING_AUTH", "asynctrack-test-auth")
     uri = case.server.url.replace("127.0.0.1", "localhost") + "/"  # its own engine
     client = MlflowClient(uri)
+    own_engine.append(uri)
     asynctrack.configure_engine(uri, spool_dir=str(case.tmp / "spool"))
     tracker = asynctrack.MLflowExperimentTracker(f"plugin-{case.user.name}", tracking_uri=uri)
     with tracker.start_run(run_name="plugin"):

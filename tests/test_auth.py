@@ -408,3 +408,23 @@ def test_rotated_password_is_picked_up_by_refresh(case: Case) -> None:
 
     reader = MlflowClient(with_userinfo(case.server.url, rotated))
     assert sorted(m.step for m in reader.get_metric_history(run_id, "m")) == [0, 2]
+
+
+def test_the_view_run_line_hides_the_password(
+    case: Case, own_engine: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under the patch a run's end prints MLflow's "View run ... at" line, which MLflow
+    writes with the tracking URI's ``user:password@``."""
+    from asynctrack._mlflow import routing, sink
+
+    uri = with_userinfo(case.server.url, case.user)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment(f"url-{case.user.name}")).info.run_id
+    own_engine.append(uri)
+
+    routing.print_run_url(sink.RunSink(uri, run_id))
+
+    out = capsys.readouterr().out
+    assert f"at: {case.server.url.replace('//', '//***@')}/#/experiments/" in out
+    assert run_id in out
+    assert_nothing_shows(case.user, out)

@@ -428,3 +428,9 @@ def test_the_view_run_line_hides_the_password(
     assert f"at: {case.server.url.replace('//', '//***@')}/#/experiments/" in out
     assert run_id in out
     assert_nothing_shows(case.user, out)
+
+
+def test_the_auth_server_keeps_its_admin_password_out_of_its_repr(case: Case) -> None:
+    token = case.server.issue_token(case.user.name)
+    assert case.server.admin_password not in repr(case.server) and token not in repr(case.server)
+    assert repr(case.server).startswith("MlflowAuthServer(url='http://127.0.0.1:")

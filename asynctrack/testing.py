@@ -46,13 +46,13 @@ import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
     from moto.server import ThreadedMotoServer
 
     # typing.Self needs 3.11 and the package supports 3.10; annotations are never evaluated.
-    from typing_extensions import Self
+    from typing_extensions import Self, Unpack
 
 __all__ = [
     "MlflowAuthServer",
@@ -110,6 +110,14 @@ def free_port() -> int:
         sock.bind((_HOST, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+class ServerOptions(TypedDict, total=False):
+    """``MlflowServer``'s keyword options, which its subclasses pass on."""
+
+    port: int | None
+    startup_timeout: float
+    workers: int
 
 
 class MlflowServer:
@@ -312,15 +320,11 @@ class MlflowAuthServer(MlflowServer):
         *,
         default_permission: str = "READ",
         auth_cache_seconds: int = 0,
-        port: int | None = None,
-        startup_timeout: float = 120.0,
-        workers: int = 1,
+        **options: Unpack[ServerOptions],
     ) -> None:
         import secrets
 
-        super().__init__(
-            workdir, artifact_args, env, port=port, startup_timeout=startup_timeout, workers=workers
-        )
+        super().__init__(workdir, artifact_args, env, **options)
         self.admin_username = "admin"
         self.admin_password = secrets.token_urlsafe(18)  # MLflow wants 12 characters or more
         config = self.workdir / "basic_auth.ini"
@@ -734,13 +738,9 @@ class MlflowPostgresServer(MlflowServer):
         env: Mapping[str, str] | None = None,
         *,
         postgres: PostgresServer | None = None,
-        port: int | None = None,
-        startup_timeout: float = 120.0,
-        workers: int = 1,
+        **options: Unpack[ServerOptions],
     ) -> None:
-        super().__init__(
-            workdir, artifact_args, env, port=port, startup_timeout=startup_timeout, workers=workers
-        )
+        super().__init__(workdir, artifact_args, env, **options)
         self._own_postgres = postgres is None
         self.postgres = postgres if postgres is not None else PostgresServer()
 

@@ -174,6 +174,7 @@ def _outcome(send: Any) -> str:
     return "ok"
 
 
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")  # requests'
 @pytest.mark.parametrize(
     "setting",
     ["none", "server-cert-path", "insecure", "requests-ca-bundle", "client-cert", "all-but-ca"],

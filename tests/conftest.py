@@ -106,3 +106,14 @@ def _settle_engines() -> Iterator[None]:
     for engine in asynctrack._engine.all_engines():
         with contextlib.suppress(asynctrack.AsyncTrackError):
             engine.flush(30)
+
+
+@pytest.fixture
+def restore_tracking_uri() -> Iterator[None]:
+    """``asynctrack --tracking-uri`` (or MLFLOW_TRACKING_URI) sets MLflow's process-wide
+    URI; put it back so later tests resolve theirs as before."""
+    from mlflow.tracking._tracking_service import utils
+
+    before = utils._tracking_uri
+    yield
+    utils._tracking_uri = before

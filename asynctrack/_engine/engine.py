@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import enum
 import logging
 import math
@@ -102,6 +103,7 @@ class Engine:
         self._urgent = False
         self._wake_event: asyncio.Event | None = None
         self._io_pool: DaemonPool | None = None
+        self._transport: Transport | None = None
 
     def after_fork(self) -> None:
         if self.intake.writer is not None:
@@ -148,13 +150,16 @@ class Engine:
 
     def stats(self) -> Stats:
         writer = self.intake.writer
-        return self.ledger.stats(
+        stats = self.ledger.stats(
             queued=self.pending(),
             spooled=self.intake.waiting,
             spool_bytes=writer.total_bytes if writer else 0,
             durable=self.intake.durable,
             kept=self.kept.events,
         )
+        transport = self._transport
+        routed = transport.mlflow_path() if isinstance(transport, RestTransport) else {}
+        return dataclasses.replace(stats, mlflow_path=routed) if routed else stats
 
     def last_error(self) -> str:
         return self.intake.error or self.ledger.last_error
@@ -267,6 +272,7 @@ class Engine:
                 )
             # Built here, so a tracking URI it cannot serve fails the first call, loudly.
             transport = self._transport_factory(self.tracking_uri, self.config.request_timeout)
+            self._transport = transport
             self.worker.start(lambda started: self._main(started, transport))
             self.state = State.OPEN
             self.queue.open = True
@@ -310,7 +316,7 @@ class Engine:
 
     async def _main(self, started: threading.Event, transport: Transport) -> None:
         self._wake_event = wake = asyncio.Event()
-        writer = self._open_spool()
+        writer = self._open_spool(transport)
         # Without a spool the window is memory on top of the queue: keep it as bounded.
         window = WINDOW if writer is not None else min(WINDOW, self.queue.capacity)
         self.intake = intake = Intake(self.queue, writer, window)
@@ -375,14 +381,16 @@ class Engine:
             self.ledger.took(len(refused))
             self.ledger.refused(refused)
 
-    def _open_spool(self) -> spool.Writer | None:
+    def _open_spool(self, transport: Transport) -> spool.Writer | None:
         if not self.config.spool:
             return None
         root = Path(self.config.spool_dir) if self.config.spool_dir else spool.default_root()
+        routed = transport.routed if isinstance(transport, RestTransport) else None
         try:
             writer = spool.Writer(
-                root, redact(self.tracking_uri), SEGMENT_BYTES, self.config.spool_limit
-            )
+                root, redact(self.tracking_uri), SEGMENT_BYTES, self.config.spool_limit,
+                mlflow_path=routed,
+            )  # fmt: skip
         except spool.SpoolError as exc:
             logger.warning("asynctrack: %s; events are kept in memory only until stored", exc)
             return None

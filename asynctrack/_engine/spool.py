@@ -3,7 +3,8 @@
 Each engine of each process writes its own directory under the spool root::
 
     <root>/<host>-<pid>-<start ms>-<n>/
-        owner.json      who wrote it: pid, host, start time, tracking URI (no credentials)
+        owner.json      who wrote it: pid, host, start time, tracking URI (no credentials),
+                        why requests took MLflow's own HTTP client (when they did)
         lock            held (flock) while the writer lives: a free lock means it died
         00000001.seg    segments, append-only, numbered in writing order
         staged/         copies of the files artifact calls logged (``STAGED``), one folder
@@ -206,7 +207,14 @@ def remove_staged(path: Path, parents: bool = False) -> None:
 class Writer:
     """One engine's spool directory: appends records, rotates and drops segments."""
 
-    def __init__(self, root: Path, tracking_uri: str, segment_bytes: int, limit_bytes: int):
+    def __init__(
+        self,
+        root: Path,
+        tracking_uri: str,
+        segment_bytes: int,
+        limit_bytes: int,
+        mlflow_path: str | None = None,
+    ) -> None:
         self.root = root
         self._segment_bytes = segment_bytes
         self._limit = limit_bytes
@@ -226,6 +234,8 @@ class Writer:
                 "started": time.time(),
                 "tracking_uri": tracking_uri,
             }
+            if mlflow_path:  # why requests take MLflow's own HTTP client (an auth plugin...)
+                owner["mlflow_path"] = mlflow_path
             _write_private(self.directory / "owner.json", json.dumps(owner).encode())
         except OSError as exc:  # leave nothing that looks like a spool behind
             self.close(empty=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,10 @@ class Stats:
     The spool: ``spooled`` events are on local disk and not yet stored (they survive a
     crash), ``spool_bytes`` is the size of their segments, and ``durable`` counts events
     made durable (fsync'ed) so far.
+
+    ``mlflow_path`` counts requests to a tracking server sent through MLflow's own HTTP
+    client instead of asynctrack's (about 3 ms of CPU each), by the reason they had to be:
+    a request-auth plugin (``MLFLOW_TRACKING_AUTH``), AWS SigV4, Databricks, a proxy.
     """
 
     queued: int = 0
@@ -49,6 +53,7 @@ class Stats:
     spooled: int = 0
     spool_bytes: int = 0
     durable: int = 0
+    mlflow_path: dict[str, int] = field(default_factory=dict)
 
     def __add__(self, other: Stats) -> Stats:
         mine, theirs = asdict(self), asdict(other)
@@ -103,9 +108,25 @@ class FileCounters:
             self._files[field] += files
             self._bytes[field] += size
 
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self) -> FileSnapshot:
         with self._lock:
-            return {
-                **{f"files_{k}": v for k, v in self._files.items()},
-                **{f"bytes_{k}": v for k, v in self._bytes.items()},
-            }
+            files, size = dict(self._files), dict(self._bytes)
+        return FileSnapshot(
+            files_queued=files["queued"], files_uploaded=files["uploaded"],
+            files_retried=files["retried"], files_failed=files["failed"],
+            bytes_queued=size["queued"], bytes_uploaded=size["uploaded"],
+            bytes_retried=size["retried"], bytes_failed=size["failed"],
+        )  # fmt: skip
+
+
+class FileSnapshot(TypedDict):
+    """The artifact counters, as :class:`Stats` names them."""
+
+    files_queued: int
+    files_uploaded: int
+    files_retried: int
+    files_failed: int
+    bytes_queued: int
+    bytes_uploaded: int
+    bytes_retried: int
+    bytes_failed: int

@@ -24,6 +24,7 @@ class DirStatus:
     runs: list[str]
     since: float | None  # seconds: the oldest metric's timestamp, else oldest segment's mtime
     damage: list[str]
+    mlflow_path: str | None = None  # why its requests took MLflow's own HTTP client
 
 
 @dataclass
@@ -101,10 +102,11 @@ def status(root: Path) -> list[DirStatus]:
     for d in writer_dirs(root):
         seen = survey(d.segments, writing=d.alive)
         since = seen.oldest if seen.oldest is not None else min(seen.mtimes, default=None)
-        pid = d.owner.get("pid")
+        pid, routed = d.owner.get("pid"), d.owner.get("mlflow_path")
         result.append(
             DirStatus(d.directory, pid if isinstance(pid, int) else None,
                       str(d.owner.get("host", "?")), d.alive, len(d.segments), d.size,
-                      seen.events, sorted(seen.runs), since, seen.damage)
+                      seen.events, sorted(seen.runs), since, seen.damage,
+                      routed if isinstance(routed, str) else None)
         )  # fmt: skip
     return result

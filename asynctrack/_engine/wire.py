@@ -6,9 +6,11 @@ reads proxy settings from the environment and merges session settings. At 10 cal
 that is 3% of a core taken from the training loop, which shares the GIL with our worker.
 Here all of that is done once, when the transport is built; a call is about 0.6 ms.
 
-Only plain set-ups take this path: ``http(s)`` with no auth, basic auth or a bearer token,
+Only plain set-ups take this path: ``http(s)`` with no auth, basic auth (from MLflow's
+variables or credentials file, the URL's ``user:password@`` or netrc) or a bearer token,
 optional CA bundle and client certificate, and no proxy for the server. Anything else (auth
-plugins, AWS SigV4, Databricks, a proxy) goes through MLflow's ``http_request`` unchanged.
+plugins, AWS SigV4, Databricks, a proxy) goes through MLflow's ``http_request`` unchanged:
+:func:`routed_reason` says why.
 """
 
 from __future__ import annotations
@@ -27,23 +29,64 @@ from typing import Any
 from urllib.parse import urlsplit
 
 
-def usable(creds: Any) -> bool:
-    """Whether ``creds`` (MLflow's host credentials) need nothing computed per request."""
+def routed_reason(creds: Any) -> str | None:
+    """Why requests with ``creds`` (MLflow's host credentials) must go through MLflow's
+    ``http_request`` (something is computed per request), or None when the wire serves them."""
     from requests.utils import get_environ_proxies
 
-    per_request = (
-        creds.auth,
-        creds.aws_sigv4,
-        creds.use_databricks_sdk,
-        creds.client_secret,
-        creds.workspace_id,
-        os.environ.get("_MLFLOW_DATABRICKS_TRAFFIC_ID"),
-    )
-    return (
-        not any(per_request)
-        and urlsplit(creds.host).scheme in ("http", "https")
-        and not get_environ_proxies(creds.host)
-    )
+    if creds.auth:
+        return f"request-auth plugin MLFLOW_TRACKING_AUTH={creds.auth}"
+    if creds.aws_sigv4:
+        return "AWS SigV4 signing (MLFLOW_TRACKING_AWS_SIGV4)"
+    databricks = (creds.use_databricks_sdk, creds.client_secret, creds.workspace_id)
+    if any(databricks) or os.environ.get("_MLFLOW_DATABRICKS_TRAFFIC_ID"):
+        return "Databricks authentication"
+    if urlsplit(creds.host).scheme not in ("http", "https"):
+        return f"the {urlsplit(creds.host).scheme!r} scheme"
+    if get_environ_proxies(creds.host):
+        return "a proxy for the server (HTTP_PROXY, HTTPS_PROXY or ALL_PROXY)"
+    return None
+
+
+def usable(creds: Any) -> bool:
+    """Whether ``creds`` (MLflow's host credentials) need nothing computed per request."""
+    return routed_reason(creds) is None
+
+
+def resolve_auth(creds: Any) -> str | None:
+    """The ``Authorization`` header MLflow's ``http_request`` sends with ``creds``, or None.
+
+    MLflow puts its own header on the request (username and password from its variables or
+    ``~/.mlflow/credentials``, else the token), then ``requests`` replaces it, in this
+    order: a netrc entry for the host (``NETRC`` or ``~/.netrc``), else the URL's
+    ``user:password@``. The files are read again at every call, as ``requests`` reads them
+    at every request.
+    """
+    from requests.utils import get_auth_from_url, get_netrc_auth
+
+    netrc = get_netrc_auth(creds.host)
+    if netrc is not None:
+        return _requests_basic(*netrc)
+    in_url = get_auth_from_url(creds.host)
+    if any(in_url):
+        return _requests_basic(*in_url)
+    if creds.username and creds.password:
+        pair = f"{creds.username}:{creds.password}".encode()
+        return "Basic " + base64.standard_b64encode(pair).decode()
+    if creds.token:
+        return f"Bearer {creds.token}"
+    return None
+
+
+def _requests_basic(username: str, password: str) -> str:
+    """Basic auth as ``requests`` encodes it (latin-1, unlike MLflow's own UTF-8)."""
+    from requests import PreparedRequest
+    from requests.auth import HTTPBasicAuth
+
+    request = PreparedRequest()
+    request.prepare_headers({})
+    value = HTTPBasicAuth(username, password)(request).headers["Authorization"]
+    return value if isinstance(value, str) else value.decode("latin-1")
 
 
 class Wire:
@@ -62,13 +105,9 @@ class Wire:
         self._prefix = url.path.rstrip("/")
         self._timeout = timeout
         self._ssl = _ssl_context(creds) if self._https else None
-        headers = {**resolve_request_headers(), "Content-Type": "application/json"}
-        if creds.username and creds.password:
-            pair = f"{creds.username}:{creds.password}".encode()
-            headers["Authorization"] = "Basic " + base64.standard_b64encode(pair).decode()
-        elif creds.token:
-            headers["Authorization"] = f"Bearer {creds.token}"
-        self._headers = headers
+        self._base = {**resolve_request_headers(), "Content-Type": "application/json"}
+        self._headers = self._base
+        self.refresh(creds)
         workspace = get_request_workspace()
         self._workspace = (
             {WORKSPACE_HEADER_NAME: workspace}
@@ -76,6 +115,15 @@ class Wire:
             else {}
         )
         self._local = threading.local()
+
+    def refresh(self, creds: Any) -> None:
+        """Use the credentials ``creds`` resolve to from the next request on (a rotated
+        password, token or netrc file); cheap: no header plugin runs again. Safe while
+        other threads send."""
+        auth = resolve_auth(creds)
+        # A header plugin's Authorization stays unless credentials replace it, as in MLflow.
+        # One reference swapped: a request reads either the old headers or the new ones.
+        self._headers = self._base if auth is None else {**self._base, "Authorization": auth}
 
     def __repr__(self) -> str:  # the headers hold credentials: never show them
         scheme = "https" if self._https else "http"
@@ -166,14 +214,18 @@ def _ssl_context(creds: Any) -> ssl.SSLContext:
     else:
         import certifi
 
-        cafile = (
+        bundle = (
             verify
             if isinstance(verify, str)
             else os.environ.get("REQUESTS_CA_BUNDLE")
             or os.environ.get("CURL_CA_BUNDLE")
             or certifi.where()
         )
-        context = ssl.create_default_context(cafile=cafile)
+        # requests takes a directory of hashed certificates as well as a file
+        if os.path.isdir(bundle):
+            context = ssl.create_default_context(capath=bundle)
+        else:
+            context = ssl.create_default_context(cafile=bundle)
     if creds.client_cert_path:
         context.load_cert_chain(creds.client_cert_path)
     return context

@@ -8,6 +8,7 @@ cannot serve is cached as ``None``: those calls keep MLflow's path, with one not
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 import threading
@@ -144,7 +145,21 @@ def refuse(synchronous: bool | None, error: Exception) -> Any:
 
 
 def print_run_url(s: sink.RunSink) -> None:
-    """MLflow prints a link to the run when it ends (REST servers); so do we."""
-    if s.tracking_uri.startswith(("http://", "https://")):
-        with contextlib.suppress(Exception):  # a link is not worth failing the run's end
-            private.print_run_url(mlflow.MlflowClient(s.tracking_uri), s.run_id)
+    """MLflow prints a link to the run when it ends (REST servers); so do we, without the
+    ``user:password@`` MLflow's own line would show when the tracking URI carries one."""
+    if not s.tracking_uri.startswith(("http://", "https://")):
+        return
+    from asynctrack._engine.transport import redact
+
+    with contextlib.suppress(Exception):  # a link is not worth failing the run's end
+        client = mlflow.MlflowClient(s.tracking_uri)
+        if redact(s.tracking_uri) == s.tracking_uri:
+            private.print_run_url(client, s.run_id)
+            return
+        # MLflow writes the line to sys.stdout itself: take it, and write it redacted
+        lines = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(lines):
+                private.print_run_url(client, s.run_id)
+        finally:
+            sys.stdout.write(redact(lines.getvalue()))

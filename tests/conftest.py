@@ -29,6 +29,7 @@ pytest_plugins = ["asynctrack.pytest_plugin"]
 # MLflow servers and an IAM-checking S3 server (about a minute before their first test).
 SLOW_FILES = {
     "test_artifacts.py",
+    "test_auth.py",
     "test_artifacts_outage.py",
     "test_compose.py",
     "test_demo.py",

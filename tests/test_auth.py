@@ -434,3 +434,153 @@ def test_the_auth_server_keeps_its_admin_password_out_of_its_repr(case: Case) ->
     token = case.server.issue_token(case.user.name)
     assert case.server.admin_password not in repr(case.server) and token not in repr(case.server)
     assert repr(case.server).startswith("MlflowAuthServer(url='http://127.0.0.1:")
+
+
+# ---------------------------------------------------------------- refused, kept, delivered
+
+# A long job whose password changes while it runs (a rotated secret): the rest is kept.
+ROTATE = """
+import sys
+import asynctrack
+from asynctrack import AccessDeniedError, MLflowExperimentTracker
+
+asynctrack.configure(flush_interval=0.05, exit_timeout=5)
+tracker = MLflowExperimentTracker(experiment_name=sys.argv[1])
+try:
+    with tracker.start_run(run_name="rotated"):
+        for step in range(3000):
+            tracker.log_metric("loss", step, step=step)
+        tracker.flush()
+        print(tracker.run_id, flush=True)
+        sys.stdin.readline()  # the password changes now
+        for step in range(3000, 6000):
+            tracker.log_metric("loss", step, step=step)
+except AccessDeniedError as exc:  # at once: the server answered
+    print("kept", sum(k.count for k in exc.kept), flush=True)
+"""
+
+
+def credentials_env(case: Case, user: User) -> dict[str, str]:
+    return {
+        **case.env,
+        "MLFLOW_TRACKING_URI": case.server.url,
+        "MLFLOW_TRACKING_USERNAME": user.name,
+        "MLFLOW_TRACKING_PASSWORD": user.password,
+    }
+
+
+def sync_with(env: dict[str, str], spool_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "asynctrack.cli", "sync", str(spool_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def test_a_password_changed_mid_run_keeps_the_rest_for_sync_with_the_new_one(
+    case: Case,
+) -> None:
+    env = credentials_env(case, case.user)
+    script = subprocess.Popen(
+        [sys.executable, "-c", ROTATE, f"rotate-{case.user.name}"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert script.stdin is not None and script.stdout is not None
+    run_id = script.stdout.readline().strip()
+    rotated = User(case.user.name, f"pw-{secrets.token_urlsafe(16)}")
+    case.server.update_password(*rotated)
+    out, err = script.communicate("go\n", timeout=240)
+    assert script.returncode == 0, err[-3000:]
+    assert "kept 3001" in out  # 3000 points and the run's end, reported at the run's end
+    assert "could not be stored" in err and "asynctrack sync" in err and "credentials" in err
+
+    spool_root = case.tmp / "spool"
+    kept = sync_with(env, spool_root)  # still the old password: refused again, kept again
+    assert kept.returncode == 1 and "kept: 3001 events" in kept.stdout, kept.stdout
+    synced = sync_with(credentials_env(case, rotated), spool_root)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    assert "stored 3001 events" in synced.stdout
+
+    reader = MlflowClient(with_userinfo(case.server.url, rotated))
+    steps = sorted(m.step for m in reader.get_metric_history(run_id, "loss"))
+    assert steps == list(range(6000))  # every point once
+    assert reader.get_run(run_id).info.status == "FINISHED"  # its own end, kept
+    assert_nothing_shows(case.user, out, err, kept.stdout, synced.stdout, spool_root=spool_root)
+
+
+# A colleague with READ permission only logs into someone else's run; then gets EDIT.
+COLLEAGUE = """
+import sys
+import asynctrack
+from asynctrack import AccessDeniedError
+import mlflow
+from mlflow.entities import Metric, RunTag
+
+asynctrack.patch_mlflow(quiet=True)
+run_id = sys.argv[1]
+client = mlflow.MlflowClient()
+client.log_batch(run_id, metrics=[Metric("score", i / 10, 1_700_000_000_000 + i, i)
+                                  for i in range(200)], tags=[RunTag("reviewer", "bob")])
+try:
+    asynctrack.flush()
+except AccessDeniedError as exc:
+    print("kept", exc.kept[0].count, exc.kept[0].reason, flush=True)
+sys.stdin.readline()  # granted EDIT now
+asynctrack.flush()  # a flush sends what was kept again, with credentials read anew
+print("stats", asynctrack.stats().sent, asynctrack.stats().kept, flush=True)
+"""
+
+
+def test_a_read_only_user_is_delivered_once_granted_edit(
+    case: Case, mlflow_auth_server: MlflowAuthServer
+) -> None:
+    owner = User(f"o-{uuid.uuid4().hex[:10]}", f"pw-{secrets.token_urlsafe(16)}")
+    case.server.create_user(*owner)
+    owners = MlflowClient(with_userinfo(case.server.url, owner))
+    experiment = owners.create_experiment(f"owned-{owner.name}")
+    run_id = owners.create_run(experiment).info.run_id
+    script = subprocess.Popen(
+        [sys.executable, "-c", COLLEAGUE, run_id],
+        env=credentials_env(case, case.user),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert script.stdin is not None and script.stdout is not None
+    first = script.stdout.readline()
+    assert first.startswith("kept 201 HTTP 403"), first  # nothing refused, nothing lost
+    case.server.grant(case.user.name, experiment, "EDIT")
+    out, err = script.communicate("go\n", timeout=240)
+    assert script.returncode == 0, err[-3000:]
+    assert "stats 201 0" in out
+    history = owners.get_metric_history(run_id, "score")
+    assert sorted(m.step for m in history) == list(range(200))
+    assert owners.get_run(run_id).data.tags["reviewer"] == "bob"
+
+
+def test_a_crash_spool_synced_with_a_wrong_password_first_keeps_everything(case: Case) -> None:
+    client = MlflowClient(with_userinfo(case.server.url, case.user))
+    run_id = client.create_run(client.create_experiment(f"crash-{case.user.name}")).info.run_id
+    directory = crash_spool(case.tmp / "crash", case.server.url, run_id)
+    wrong = User(case.user.name, "not-the-password")
+
+    refused = sync_with(credentials_env(case, wrong), directory)
+    assert refused.returncode == 1, refused.stdout
+    assert "kept: 501 events" in refused.stdout and "HTTP 401" in refused.stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "asynctrack.cli", "status", str(directory)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "501" in status.stdout, status.stdout  # all still waiting on disk
+    synced = sync_with(credentials_env(case, case.user), directory)
+    assert synced.returncode == 0 and "stored 501 events" in synced.stdout, synced.stdout
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(500))
+    assert client.get_run(run_id).info.status == "FINISHED"

@@ -12,7 +12,7 @@ working for code that does not know asynctrack::
     │   ├── InvalidInputTypeError (TypeError)  ...of a type MLflow cannot convert
     │   ├── ValueOverflowError (OverflowError) an int too large for a double
     │   └── ParamConflictError               a param re-logged with another value
-    ├── QueueFullError (BufferError)         the queue stayed full (policy "raise" or timeout)
+    ├── QueueFullError (BufferError)         the queue is full (policy "raise")
     ├── FlushTimeoutError (TimeoutError)     flush() or run end passed its deadline
     ├── DeliveryError (MlflowException)      the server refused some events
     │   └── AccessDeniedError                ...or held them back: credentials, permission

@@ -542,7 +542,7 @@ def test_full_policy_block_waits_once_then_training_goes_on(
 def test_with_a_spool_a_stuck_server_never_blocks_the_caller(
     make_engine: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from asynctrack._engine import engine as worker
+    from asynctrack._engine import loop as worker
 
     monkeypatch.setattr(worker, "WINDOW", 10_000)
     # flush_timeout is also how long a caller may wait for room: a stuck worker would fail
@@ -859,7 +859,7 @@ def test_spool_files_are_owner_only_and_gone_once_stored(make_engine: Any, tmp_p
 def test_a_backlog_over_many_segments_arrives_in_order_and_the_segments_go(
     make_engine: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from asynctrack._engine import engine as worker
+    from asynctrack._engine import loop as worker
 
     monkeypatch.setattr(worker, "SEGMENT_BYTES", 32 * 1024)
     monkeypatch.setattr(worker, "WINDOW", 1000)

@@ -10,15 +10,12 @@ It puts the pieces together and owns their lifecycle::
                              v
                            Ledger  <-- stats(), flush()'s rejections
 
-Two tasks run on the worker's loop: the intake, which takes what is queued every 50 ms
-(at once when a flush or a full queue wakes it) and never waits for the server, and the
-pump, which feeds the dispatcher. The pump may wait for the server; the intake never does,
-so callers find room while the sender is stuck, and the spool takes what memory cannot.
+Callers use this class; the worker's thread runs :class:`~asynctrack._engine.loop.Delivery`
+(the intake and the pump). Jobs (uploads) see the engine as their :class:`JobContext`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -29,19 +26,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
-from asynctrack._engine import spool
-from asynctrack._engine.dispatcher import Dispatcher
 from asynctrack._engine.events import Event, end_event
-from asynctrack._engine.intake import Intake, report_orphans
+from asynctrack._engine.intake import Intake
 from asynctrack._engine.jobs import Resources
 from asynctrack._engine.kept import Kept
 from asynctrack._engine.ledger import Ledger
-from asynctrack._engine.limiter import limiter_for
+from asynctrack._engine.loop import LIVE_RETRY, WINDOW, Delivery
 from asynctrack._engine.queue import EventQueue
-from asynctrack._engine.retry import RetryPolicy
 from asynctrack._engine.stats import FileCounters, Stats
 from asynctrack._engine.threads import DaemonPool
 from asynctrack._engine.transport import RestTransport, Transport, make_transport, redact
@@ -58,14 +51,6 @@ from asynctrack.errors import (
 logger = logging.getLogger("asynctrack")
 
 T = TypeVar("T")
-
-_POLL = 0.05  # seconds between looks at the queue's length
-# Events held in memory for sending beyond the queue; past it, they wait in the spool.
-# Large enough that a burst the server clears in seconds never goes through the disk.
-WINDOW = 100_000
-SEGMENT_BYTES = 8 * 1024 * 1024
-#: Live sending retries as long as the process lives; the exit deadline cuts it short.
-LIVE_RETRY = RetryPolicy(first=0.25, maximum=8.0)
 
 
 class State(enum.Enum):
@@ -100,9 +85,9 @@ class Engine:
         self.worker = Worker()
         self.intake = Intake(self.queue, None, WINDOW)  # replaced when the worker starts
         self.resources = Resources()
-        self._urgent = False
-        self._wake_event: asyncio.Event | None = None
-        self._io_pool: DaemonPool | None = None
+        #: The blocking calls of jobs: set by the worker's loop while it runs.
+        self.io_pool: DaemonPool | None = None
+        self._delivery: Delivery | None = None
         self._transport: Transport | None = None
 
     def after_fork(self) -> None:
@@ -255,9 +240,10 @@ class Engine:
         with self._lock:
             self.state = State.CLOSED
             self.queue.open = False
-        if self.intake.writer is not None:
+        delivery = self._delivery
+        if self.intake.writer is not None and delivery is not None:
             with contextlib.suppress(Exception):
-                self.worker.run(self._close_spool(), reserve)
+                self.worker.run(delivery.close_spool(), reserve)
         left = self.pending()
         self.worker.stop(join=1.0)
         return left
@@ -273,16 +259,16 @@ class Engine:
             # Built here, so a tracking URI it cannot serve fails the first call, loudly.
             transport = self._transport_factory(self.tracking_uri, self.config.request_timeout)
             self._transport = transport
-            self.worker.start(lambda started: self._main(started, transport))
+            delivery = self._delivery = Delivery(self, transport)
+            self.worker.start(delivery.run)
             self.state = State.OPEN
             self.queue.open = True
 
     def _wake(self) -> None:
         """A flush or a full queue: take and send now, not at the next poll."""
-        self._urgent = True
-        wake = self._wake_event
-        if wake is not None:
-            self.worker.call_soon(wake.set)
+        delivery = self._delivery
+        if delivery is not None:
+            delivery.wake(self.worker)
 
     def _drop(self, reason: str) -> None:
         if self.ledger.drop(reason):  # named once; counted in stats() and the exit summary
@@ -305,126 +291,9 @@ class Engine:
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:
         """For jobs: run a blocking call on a daemon thread (never the metric senders')."""
-        assert self._io_pool is not None, "jobs run on the worker"
-        return await self._io_pool.run(fn)
+        assert self.io_pool is not None, "jobs run on the worker"
+        return await self.io_pool.run(fn)
 
     def note_transient(self, reason: str) -> None:
         """For jobs: remember why a retry happened, for timeout and exit messages."""
         self.ledger.last_error = reason
-
-    # ------------------------------------------------------------------ the worker's loop
-
-    async def _main(self, started: threading.Event, transport: Transport) -> None:
-        self._wake_event = wake = asyncio.Event()
-        writer = self._open_spool(transport)
-        # Without a spool the window is memory on top of the queue: keep it as bounded.
-        window = WINDOW if writer is not None else min(WINDOW, self.queue.capacity)
-        self.intake = intake = Intake(self.queue, writer, window)
-        self._io_pool = DaemonPool(4, "asynctrack-io")
-        limiter = (
-            limiter_for(self.tracking_uri, self.config.max_in_flight)
-            if self.tracking_uri.startswith(("http://", "https://"))
-            else None  # a local store: one writer, nothing to adapt to
-        )
-        if limiter is not None and isinstance(transport, RestTransport):
-            transport.limiter = limiter
-        dispatcher = Dispatcher(
-            intake,
-            transport,
-            self.ledger,
-            self,
-            self.config.max_in_flight,
-            LIVE_RETRY,
-            limiter,
-            self.kept,
-        )
-        pump = _Pump(dispatcher)
-        pumping = asyncio.get_running_loop().create_task(pump.run())
-        started.set()
-        loop, syncing = asyncio.get_running_loop(), None
-        try:
-            poll, last = min(_POLL, self.config.flush_interval), time.monotonic()
-            while True:
-                with contextlib.suppress(asyncio.TimeoutError):  # built-in from 3.11
-                    await asyncio.wait_for(wake.wait(), poll)
-                wake.clear()
-                self._take()
-                intake.write_marks(now=False)  # what settled since the last pump pass
-                if (syncing is None or syncing.done()) and intake.sync_due(
-                    self.config.spool_sync_interval
-                ):
-                    # Not awaited: an fsync can take a second on a busy disk, and taking
-                    # from the callers' queue must go on meanwhile.
-                    syncing = loop.create_task(self.run_blocking(intake.sync))
-                due = (
-                    self._urgent
-                    or intake.barrier_taken
-                    or time.monotonic() - last >= self.config.flush_interval
-                )
-                if due or intake.full or intake.backlog is not None:
-                    self._urgent = intake.barrier_taken = False
-                    pump.wake(due)
-                    if due:
-                        last = time.monotonic()
-        finally:
-            pumping.cancel()
-            dispatcher.close()
-            self._io_pool.close()
-            with contextlib.suppress(Exception):
-                await self.resources.exit_stack.aclose()
-
-    def _take(self, everything: bool = False) -> None:
-        intake = self.intake
-        self.ledger.took(intake.pull(everything))
-        if intake.refused:  # values that could not be converted, taken out of their chunk
-            refused, intake.refused = intake.refused, []
-            self.ledger.took(len(refused))
-            self.ledger.refused(refused)
-
-    def _open_spool(self, transport: Transport) -> spool.Writer | None:
-        if not self.config.spool:
-            return None
-        root = Path(self.config.spool_dir) if self.config.spool_dir else spool.default_root()
-        routed = transport.routed if isinstance(transport, RestTransport) else None
-        try:
-            writer = spool.Writer(
-                root, redact(self.tracking_uri), SEGMENT_BYTES, self.config.spool_limit,
-                mlflow_path=routed,
-            )  # fmt: skip
-        except spool.SpoolError as exc:
-            logger.warning("asynctrack: %s; events are kept in memory only until stored", exc)
-            return None
-        try:
-            report_orphans(root, self.config.spool_recover)
-        except OSError as exc:  # another user's unreadable directory in a shared root
-            logger.warning("asynctrack: cannot look for spools left in %s: %s", root, exc)
-        return writer
-
-    async def _close_spool(self) -> None:
-        """At exit: everything still queued goes to the spool, made durable."""
-        self._take(everything=True)
-        await self.run_blocking(self.intake.sync)
-        self.intake.close()
-
-
-class _Pump:
-    """Feeds the dispatcher when the intake says so; one pass at a time."""
-
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self._dispatcher = dispatcher
-        self._event = asyncio.Event()
-        self._due = False
-
-    def wake(self, due: bool) -> None:
-        self._due |= due
-        self._event.set()
-
-    async def run(self) -> None:
-        while True:
-            await self._event.wait()
-            self._event.clear()
-            due, self._due = self._due, False
-            try:
-                await self._dispatcher.pump(due)
-            except Exception:  # a bug must not kill the worker: log it, keep going
-                logger.exception("asynctrack worker error")

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from asynctrack._artifacts import staging
 from asynctrack._artifacts.paths import direct_s3_uri, join
@@ -48,12 +48,37 @@ from asynctrack._engine.transport import Held, Refused, Transient, redact, sort_
 
 if TYPE_CHECKING:
     from asynctrack._engine.spool import Artifact
-    from asynctrack._runs import Run
 
 T = TypeVar("T")
 Send = Callable[[StagedFile, asyncio.Semaphore], Awaitable[None]]
 
 _SHOWN = 10  # failed files named in one message
+
+
+class Sink(Protocol):
+    """Where a call hands its job: the run's engine."""
+
+    @property
+    def files(self) -> FileCounters: ...
+
+    def put(self, event: Job) -> None: ...
+
+
+class Target(Protocol):
+    """The run a call's files belong to (an asynctrack ``Run``: its id, where its artifacts
+    go, and its engine), so this package needs nothing of the run layer."""
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def artifact_uri(self) -> str: ...
+
+    @property
+    def tracking_uri(self) -> str: ...
+
+    @property
+    def engine(self) -> Sink: ...
 
 
 class ArtifactsNotStored(Exception):
@@ -73,7 +98,7 @@ class Upload:
         self.total = self.total or len(self.files)
 
 
-def queue_files(run: Run, kind: str, label: str, area: Path, files: list[StagedFile]) -> None:
+def queue_files(run: Target, kind: str, label: str, area: Path, files: list[StagedFile]) -> None:
     """Hand staged files to the run's engine; they are stored under the run's artifact URI."""
     engine = run.engine
     if not files:
